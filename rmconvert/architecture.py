@@ -1,0 +1,84 @@
+"""What a plugin tells the engine about a model family: names, tensors, tokens, schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import schemas
+from .errors import CheckpointError
+
+#: Special tokens that serve as a pad when a tokenizer already carries one (Llama 3.1, OLMo 2, OLMoE, ...).
+PAD_TOKENS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]")
+
+#: Config fields that hold a dropout probability, across transformers' decoder-only families.
+DROPOUT_FIELDS = (
+    "attention_dropout",
+    "attn_pdrop",
+    "embd_pdrop",
+    "resid_pdrop",
+    "hidden_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",
+    "dropout",
+)
+
+
+class Architecture:
+    """Describes one model family; the engine does the conversion from this description.
+
+    Subclass it, set the class attributes, and register an instance from the
+    ``rmconvert_register_architectures`` hook. Override a method only for an odd layout.
+    """
+
+    #: Unique name, used by ``--arch``.
+    name: str = ""
+    #: config.json ``model_type`` values this architecture converts.
+    model_types: tuple[str, ...] = ()
+    #: Class name written to config.json ``architectures``; None asks transformers' mapping.
+    sequence_classification_class: str | None = None
+    #: The input embedding tensor, whose rows are the vocabulary.
+    embedding: str = "model.embed_tokens.weight"
+    #: Tensor name prefixes of the language-model head, dropped from a reward model.
+    lm_head_prefixes: tuple[str, ...] = ("lm_head.",)
+    #: Other tensor name prefixes to drop (e.g. multi-token-prediction layers).
+    drop_prefixes: tuple[str, ...] = ()
+    #: Config fields set to 0.0 when present (open-instruct trains reward models without dropout).
+    dropout_fields: tuple[str, ...] = DROPOUT_FIELDS
+    #: Existing special tokens to reuse as the pad, in order of preference.
+    pad_tokens: tuple[str, ...] = PAD_TOKENS
+    #: JSON schema (draft 2020-12) the reward-model config.json must satisfy.
+    schema: Path = schemas.path("reward-model")
+    #: True only for a catch-all architecture, consulted after every specific one.
+    fallback: bool = False
+
+    def claims(self, model_type: str) -> bool:
+        """Whether this architecture converts checkpoints of ``model_type``."""
+        return model_type in self.model_types
+
+    def class_name(self, model_type: str) -> str:
+        """The sequence-classification class name for config.json ``architectures``."""
+        if self.sequence_classification_class:
+            return self.sequence_classification_class
+        from .modeling import sequence_classification_class_name
+
+        return sequence_classification_class_name(model_type)
+
+    def embedding_name(self, ckpt) -> str:
+        """Name of the input embedding tensor of ``ckpt`` (a :class:`rmconvert.checkpoint.Checkpoint`)."""
+        if self.embedding not in ckpt.tensors:
+            raise CheckpointError(f"no tensor {self.embedding!r}: the {self.name} layout expects it", ckpt.path)
+        return self.embedding
+
+    def dropped(self, tensor_name: str) -> bool:
+        """Whether a tensor of the causal LM has no place in the reward model."""
+        return tensor_name.startswith(self.lm_head_prefixes + self.drop_prefixes)
+
+    def register_with_transformers(self, model_type: str) -> type:
+        """Make ``AutoModelForSequenceClassification`` load ``model_type``; returns the class."""
+        from .modeling import register_sequence_classification_class
+
+        return register_sequence_classification_class(model_type, self.class_name(model_type))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

@@ -1,0 +1,159 @@
+"""The ``rmconvert`` command. Turns rmconvert's errors into one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import ExitCode, RMConvertError, UsageError
+
+
+class Failure(click.ClickException):
+    """An rmconvert error at the CLI edge: ``rmconvert: error: <file>: <problem>``."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"rmconvert: error: {self.format_message()}", err=True)
+
+
+def reports_errors(command):
+    """Map RMConvertError and interrupts raised by ``command`` to messages and exit codes."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UsageError as exc:
+            raise click.UsageError(str(exc)) from None
+        except RMConvertError as exc:
+            raise Failure(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise Failure("interrupted; nothing was written", ExitCode.INTERRUPTED) from None
+
+    return wrapper
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rmconvert")
+def cli():
+    """Turn causal-LM checkpoints into reward models, and check that reward models are sound."""
+
+
+@cli.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--arch", default="auto", show_default=True, help="Architecture plugin; auto reads config.json model_type.")
+@click.option("--head", type=click.Choice(["scalar", "bt"]), default="scalar", show_default=True,
+              help="scalar: 1 label (TRL, open-instruct). bt: 2 labels [zeros; w] (HALOs Bradley-Terry).")  # fmt: skip
+@click.option("--pad-token", default="auto", show_default=True, metavar="auto|eos|keep|TOKEN",
+              help="auto: a pad distinct from every eos (kept for an existing reward model). eos: pad = eos,"
+              " as HALOs does (moves where rewards are read). keep: leave as is. TOKEN: that token.")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a new head's initialisation.")
+@click.option("--init-std", type=float, help="Std of a new head (default 1/sqrt(hidden_size + 1), as open-instruct).")
+@click.option("--from-bt", type=click.Choice(["row1", "difference"]), default="row1", show_default=True,
+              help="2-label source to scalar: row1 (HALOs trains only row 1) or row 1 - row 0 (softmax classifiers).")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty DST (only once the new one is complete).")
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
+@reports_errors
+def convert(src, dst, overwrite, as_json, **options):
+    """Convert the checkpoint SRC into a reward-model checkpoint DST.
+
+    Unchanged tensors are copied as bytes; the model is never loaded. SRC is never written, and DST
+    appears only when complete.
+    """
+    from .engine import convert as run
+
+    report = run(src, dst, overwrite=overwrite, progress=lambda msg: click.echo(msg, err=True), **options)
+    if as_json:
+        _echo_json(report)
+        return
+    for warning in report["warnings"]:
+        click.echo(f"rmconvert: warning: {warning}", err=True)
+    head, pad, vocab = report["head"], report["pad"], report["vocab"]
+    click.echo(
+        f"{report['destination']}: {report['class']} with a {head['labels']}-label head ({head['how']});"
+        f" pad {pad['token']!r} = {pad['id']} ({pad['action']}); vocab {vocab['from']} -> {vocab['to']}",
+        err=True,
+    )
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON on stdout.")
+@reports_errors
+def validate(path, as_json):
+    """Check that the reward-model checkpoint PATH is sound. Exit 0 valid, 1 invalid."""
+    from .validation import ERROR, validate as run
+
+    findings = run(path)
+    errors = [f for f in findings if f.severity == ERROR]
+    if as_json:
+        _echo_json({"path": str(path), "valid": not errors, "findings": [f.as_dict() for f in findings]})
+    else:
+        for f in findings:
+            where = f"{f.file}{' ' + f.where if f.where else ''}"
+            click.echo(f"{f.code} {f.severity:7} {where}: {f.message}", err=True)
+        click.echo(f"{path}: {'valid' if not errors else f'invalid ({len(errors)} errors)'}", err=True)
+    if errors:
+        sys.exit(ExitCode.ERROR)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON on stdout.")
+@reports_errors
+def plugins(as_json):
+    """List the architectures every installed plugin provides."""
+    from .host import load_registry
+
+    registry = load_registry()
+    claimed = {t for e in registry.entries.values() if not e.architecture.fallback for t in e.architecture.model_types}
+    rows = []
+    for entry in registry.entries.values():
+        arch = entry.architecture
+        types = [t for t in arch.model_types if not (arch.fallback and t in claimed)]
+        rows.append({"architecture": arch.name, "plugin": entry.plugin, "distribution": entry.distribution,
+                     "version": entry.version, "model_types": types})  # fmt: skip
+    if as_json:
+        _echo_json(rows)
+        return
+    for row in rows:
+        types = ", ".join(row["model_types"]) if len(row["model_types"]) <= 4 else f"{len(row['model_types'])} model types"
+        click.echo(f"{row['architecture']:10} {row['plugin']:28} {row['distribution']} {row['version']}  {types}")
+
+
+@cli.command()
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@reports_errors
+def demo(directory):
+    """Build tiny policies of every built-in architecture, convert, validate and load them.
+
+    Nothing is downloaded. Outputs stay in DIRECTORY when given, else in a temporary directory.
+    """
+    from .demo import run
+
+    ok = run(directory, echo=click.echo)
+    if not ok:
+        sys.exit(ExitCode.ERROR)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Console entry point: SIGTERM is handled like Ctrl-C, so a killed run cleans up too."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    cli(prog_name="rmconvert")

@@ -1,0 +1,100 @@
+"""The score head and new embedding rows, computed in bounded memory from bytes on disk.
+
+Head rules (see README): a fresh scalar head is open-instruct's ``N(0, 1/sqrt(H+1))``; a
+Bradley-Terry head is ``[zeros; w]`` so that ``logits[:, 1]`` and ``logits[:, 1] - logits[:, 0]`` both
+equal the scalar reward; a HALOs 2-label head becomes scalar by taking row 1, which is the only row
+HALOs trains.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from .safetensors_io import ByteRange, TensorInfo
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+CHUNK_BYTES = 16 << 20
+
+
+def default_init_std(hidden_size: int) -> float:
+    """open-instruct's ``layer_init`` std for the score head: ``1 / sqrt(H + 1)``."""
+    return 1.0 / math.sqrt(hidden_size + 1)
+
+
+def to_float64(raw: bytes, dtype: str) -> np.ndarray:
+    """Decode little-endian bytes of a float dtype."""
+    if dtype == "BF16":
+        return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return np.frombuffer(raw, {"F64": "<f8", "F32": "<f4", "F16": "<f2"}[dtype]).astype(np.float64)
+
+
+def from_float64(values: np.ndarray, dtype: str) -> bytes:
+    """Encode values as ``dtype`` bytes, rounding to nearest even (as torch does)."""
+    if dtype == "BF16":
+        bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = np.where(np.isnan(values), 0x7FC0, rounded)
+        return rounded.astype("<u2").tobytes()
+    return values.astype({"F64": "<f8", "F32": "<f4", "F16": "<f2"}[dtype]).tobytes()
+
+
+def initial_row(hidden_size: int, std: float, seed: int, dtype: str) -> bytes:
+    """A fresh head row ``N(0, std)``, reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    return from_float64(rng.standard_normal(hidden_size) * std, dtype)
+
+
+def zero_row(hidden_size: int, dtype: str) -> bytes:
+    return from_float64(np.zeros(hidden_size), dtype)
+
+
+def mean_row(embedding: TensorInfo) -> bytes:
+    """Mean of an embedding's rows, read in chunks of at most CHUNK_BYTES, in the embedding's dtype."""
+    rows, row_bytes = embedding.shape[0], embedding.row_bytes
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    total = np.zeros(embedding.shape[1], dtype=np.float64)
+    fd = os.open(embedding.path, os.O_RDONLY)
+    try:
+        for start in range(0, rows, step):
+            count = min(step, rows - start)
+            raw = os.pread(fd, count * row_bytes, embedding.offset + start * row_bytes)
+            total += to_float64(raw, embedding.dtype).reshape(count, -1).sum(axis=0)
+    finally:
+        os.close(fd)
+    return from_float64(total / rows, embedding.dtype)
+
+
+def row(info: TensorInfo, index: int) -> ByteRange:
+    """Row ``index`` of a 2-D tensor as a byte range (copied, never decoded)."""
+    return ByteRange(info.path, info.offset + index * info.row_bytes, info.row_bytes)
+
+
+def read_row(info: TensorInfo, index: int) -> np.ndarray:
+    part = row(info, index)
+    with open(part.path, "rb") as f:
+        f.seek(part.offset)
+        return to_float64(f.read(part.length), info.dtype)
+
+
+def score_parts(
+    existing: TensorInfo | None, labels: int, hidden_size: int, dtype: str, std: float, seed: int, from_bt: str
+) -> tuple[tuple, str]:
+    """The bytes of ``score.weight`` ``[labels, H]`` as parts, and how they were made."""
+    if existing is None:
+        fresh = initial_row(hidden_size, std, seed, dtype)
+        how = f"new, N(0, {std:.6g}) with seed {seed}"
+        if labels == 1:
+            return (fresh,), how
+        return (zero_row(hidden_size, dtype), fresh), how + ", as [zeros; w]"
+    source_labels = existing.shape[0]
+    if source_labels == labels:
+        return tuple(row(existing, i) for i in range(labels)), f"unchanged {labels}-label head"
+    if labels == 2:  # 1 -> 2
+        return (zero_row(hidden_size, dtype), row(existing, 0)), "1-label head w as [zeros; w]"
+    if from_bt == "row1":  # HALOs trains only row 1
+        return (row(existing, 1),), "row 1 of the 2-label head (the row HALOs trains)"
+    difference = read_row(existing, 1) - read_row(existing, 0)
+    return (from_float64(difference, dtype),), "row 1 - row 0 of the 2-label head (softmax-trained classifier)"

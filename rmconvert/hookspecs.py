@@ -1,0 +1,19 @@
+"""The plugin contract: pluggy markers and the hooks an rmconvert plugin may implement."""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "rmconvert"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def rmconvert_register_architectures(register) -> None:
+    """Describe the model families this plugin converts.
+
+    :param register: call ``register(architecture)`` once for each
+        :class:`rmconvert.Architecture` instance the plugin provides. Registering a name or a
+        ``model_type`` that another plugin already registered is an error naming both plugins.
+    """

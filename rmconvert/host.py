@@ -1,0 +1,139 @@
+"""The plugin host: load built-in and third-party plugins and collect their architectures."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import types
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import pluggy
+
+from . import hookspecs
+from .architecture import Architecture
+from .errors import CheckpointError, PluginError, UsageError
+
+ENTRY_POINT_GROUP = "rmconvert"
+DISABLE_AUTOLOAD = "RMCONVERT_DISABLE_PLUGIN_AUTOLOAD"
+BUILTIN_PLUGINS = (
+    "rmconvert.plugins.llama",
+    "rmconvert.plugins.olmo2",
+    "rmconvert.plugins.olmoe",
+    "rmconvert.plugins.generic",
+)
+
+
+@dataclass(frozen=True)
+class Registered:
+    """An architecture and where it came from."""
+
+    architecture: Architecture
+    plugin: str
+    distribution: str
+    version: str
+
+
+@dataclass
+class Registry:
+    """All registered architectures; resolves a checkpoint's ``model_type`` to one of them."""
+
+    entries: dict[str, Registered] = field(default_factory=dict)
+
+    def add(self, architecture: Architecture, plugin: str, distribution: str, version: str) -> None:
+        """Add one architecture; a second claim on a name or model_type fails naming both plugins."""
+        if not isinstance(architecture, Architecture) or not architecture.name:
+            raise PluginError(f"plugin {plugin!r} registered {architecture!r}, not a named rmconvert.Architecture")
+        if architecture.name in self.entries:
+            other = self.entries[architecture.name].plugin
+            raise PluginError(f"plugins {other!r} and {plugin!r} both register architecture {architecture.name!r}")
+        for entry in self.entries.values():
+            shared = set(entry.architecture.model_types) & set(architecture.model_types)
+            if shared and not (entry.architecture.fallback or architecture.fallback):
+                raise PluginError(
+                    f"plugins {entry.plugin!r} ({entry.architecture.name}) and {plugin!r} ({architecture.name})"
+                    f" both claim model_type {sorted(shared)[0]!r}"
+                )
+        self.entries[architecture.name] = Registered(architecture, plugin, distribution, version)
+
+    def get(self, name: str) -> Registered:
+        """The architecture registered as ``name`` (a usage error if there is none)."""
+        if name not in self.entries:
+            raise UsageError(f"unknown architecture {name!r}; installed: {', '.join(sorted(self.entries))}")
+        return self.entries[name]
+
+    def for_model_type(self, model_type: str) -> Registered | None:
+        """The specific architecture claiming ``model_type``, else a fallback that claims it."""
+        ordered = sorted(self.entries.values(), key=lambda e: e.architecture.fallback)
+        return next((e for e in ordered if e.architecture.claims(model_type)), None)
+
+    def resolve(self, model_type: str, arch: str = "auto", config_path=None) -> Registered:
+        """The architecture for a checkpoint: by ``model_type`` or checked against ``--arch``."""
+        claimant = self.for_model_type(model_type)
+        if arch == "auto":
+            if claimant is None:
+                raise CheckpointError(
+                    f"no installed plugin converts model_type {model_type!r}"
+                    " (see `rmconvert plugins`; encoder and encoder-decoder models are not reward-model backbones)",
+                    config_path,
+                )
+            return claimant
+        chosen = self.get(arch)
+        if not chosen.architecture.claims(model_type):
+            owner = f" (architecture {claimant.architecture.name!r} converts it)" if claimant else ""
+            raise CheckpointError(
+                f"model_type is {model_type!r}, which --arch {arch} does not convert{owner}", config_path
+            )
+        return chosen
+
+
+def _origin(plugin, distributions: dict[str, list[str]]) -> tuple[str, str]:
+    """(distribution, version) that installed a plugin object, or ("(in-process)", "")."""
+    module = plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__
+    for dist in distributions.get(module.split(".")[0], []):
+        return dist, metadata.version(dist)
+    return "(in-process)", ""
+
+
+def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
+    """A plugin manager with the hookspecs, the built-ins and (unless disabled) entry-point plugins."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for module_name in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(module_name), name=module_name)
+    if autoload is None:
+        autoload = not os.environ.get(DISABLE_AUTOLOAD)
+    if autoload:
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken plugin must name itself, whatever it raised
+                raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}") from exc
+            if pm.has_plugin(ep.name) or pm.is_registered(plugin):
+                raise PluginError(f"plugin {ep.name!r} ({ep.value}) is registered twice")
+            pm.register(plugin, name=ep.name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {pm.get_name(exc.plugin)!r}: {exc}") from exc
+    return pm
+
+
+def load_registry(pm: pluggy.PluginManager | None = None) -> Registry:
+    """Call every plugin's ``rmconvert_register_architectures`` with a register bound to that plugin."""
+    pm = pm or get_plugin_manager()
+    distributions = metadata.packages_distributions()
+    registry = Registry()
+    for impl in pm.hook.rmconvert_register_architectures.get_hookimpls():
+        dist, version = _origin(impl.plugin, distributions)
+
+        def register(architecture, _plugin=impl.plugin_name, _dist=dist, _version=version):
+            registry.add(architecture, _plugin, _dist, _version)
+
+        try:
+            impl.function(register=register)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {impl.plugin_name!r} failed to register: {type(exc).__name__}: {exc}") from exc
+    return registry

@@ -1,0 +1,67 @@
+"""The transformers side: find, build and register sequence-classification classes.
+
+Imported only when a model is loaded or a class name must be looked up: transformers is slow to
+import and the conversion itself never needs it.
+"""
+
+from __future__ import annotations
+
+from .errors import CheckpointError
+
+
+def _mappings():
+    from transformers.models.auto import modeling_auto
+
+    return modeling_auto
+
+
+def decoder_only_model_types() -> set[str]:
+    """model_types that have a causal-LM class in the installed transformers."""
+    return set(_mappings().MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def native_class_name(model_type: str) -> str | None:
+    """The installed transformers' own sequence-classification class name, if it has one."""
+    return _mappings().MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
+
+
+def sequence_classification_class_name(model_type: str) -> str:
+    """Native class name, else ``<Family>ForSequenceClassification`` after the backbone class."""
+    native = native_class_name(model_type)
+    if native:
+        return native
+    backbone = _mappings().MODEL_MAPPING_NAMES.get(model_type)
+    if not backbone or not backbone.endswith("Model"):
+        raise CheckpointError(f"transformers has no backbone class for model_type {model_type!r}")
+    return backbone[: -len("Model")] + "ForSequenceClassification"
+
+
+def build_sequence_classification_class(model_type: str, class_name: str) -> type:
+    """A ``GenericForSequenceClassification`` over the family's backbone: ``model.*`` + ``score``."""
+    import transformers
+    from transformers.modeling_layers import GenericForSequenceClassification
+    from transformers.modeling_utils import PreTrainedModel
+
+    backbone = getattr(transformers, _mappings().MODEL_MAPPING_NAMES[model_type])
+    pretrained = next(c for c in backbone.__mro__ if PreTrainedModel in c.__bases__)
+    return type(class_name, (GenericForSequenceClassification, pretrained), {"__module__": __name__})
+
+
+_BUILT: dict[str, type] = {}
+
+
+def register_sequence_classification_class(model_type: str, class_name: str) -> type:
+    """Register a class for ``model_type`` with ``AutoModelForSequenceClassification`` unless native."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    native = native_class_name(model_type)
+    if native:
+        return getattr(transformers, native)
+    if model_type not in _BUILT:
+        cls = build_sequence_classification_class(model_type, class_name)
+        config_class = CONFIG_MAPPING[model_type]
+        AutoModelForSequenceClassification.register(config_class, cls, exist_ok=True)
+        _BUILT[model_type] = cls
+    return _BUILT[model_type]

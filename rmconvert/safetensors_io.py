@@ -1,0 +1,259 @@
+"""safetensors at the header level: parse and check headers, write files from byte ranges.
+
+A tensor is bytes ``[begin, end)`` of the data buffer, so an unchanged tensor is copied into a new
+file by the kernel (``copy_file_range``) with rewritten offsets; nothing is loaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CheckpointError
+
+MAX_HEADER = 100_000_000  # the reference reader's limit
+#: Bits per element of every safetensors dtype.
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64,
+    "F64": 64, "I64": 64, "U64": 64,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live: ``nbytes`` bytes at absolute ``offset`` of ``path``."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (one slice along the first dimension)."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, checked safetensors header."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] | None
+    size: int
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor; raises ValueError for sizes that are not whole bytes."""
+    bits = DTYPE_BITS[dtype] * math.prod(shape)
+    if bits % 8:
+        raise ValueError(f"{math.prod(shape)} elements of {dtype} are not a whole number of bytes")
+    return bits // 8
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def _entry(name: str, raw, path: Path, data_start: int) -> TensorInfo:
+    if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets", path)
+    dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
+    if dtype not in DTYPE_BITS:
+        raise CheckpointError(f"tensor {name!r}: unknown dtype {dtype!r}", path)
+    ints = lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)  # noqa: E731
+    if not ints(shape):
+        raise CheckpointError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers", path)
+    if not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise CheckpointError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]", path)
+    try:
+        nbytes = tensor_nbytes(dtype, tuple(shape))
+    except ValueError as exc:
+        raise CheckpointError(f"tensor {name!r}: {exc}", path) from None
+    if offsets[1] - offsets[0] != nbytes:
+        raise CheckpointError(
+            f"tensor {name!r}: data_offsets span {offsets[1] - offsets[0]} bytes but {dtype}{shape} needs {nbytes}",
+            path,
+        )
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], nbytes)
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse and check a safetensors file's header against the file; raises CheckpointError."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"truncated: {size} bytes, shorter than the 8-byte header length", path)
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER:
+                raise CheckpointError(f"header length {length} exceeds the {MAX_HEADER}-byte limit", path)
+            if length > size - 8:
+                raise CheckpointError(f"truncated: header length {length} exceeds the {size}-byte file", path)
+            text = f.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read: {exc.strerror or exc}", path) from None
+    try:
+        raw = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"header is not valid JSON: {exc}", path) from None
+    if not isinstance(raw, dict):
+        raise CheckpointError("header is not a JSON object", path)
+    metadata = raw.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise CheckpointError("__metadata__ must map strings to strings", path)
+    data_start = 8 + length
+    tensors = {name: _entry(name, entry, path, data_start) for name, entry in raw.items()}
+    expected = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes)):
+        if info.offset != expected and info.nbytes:
+            kind = "overlaps the previous tensor" if info.offset < expected else "leaves a hole before it"
+            raise CheckpointError(f"tensor {info.name!r} {kind} (data_offsets start {info.offset - data_start})", path)
+        expected = max(expected, info.offset + info.nbytes)
+    if expected != size:
+        problem = "truncated" if expected > size else "trailing bytes after the data"
+        raise CheckpointError(f"{problem}: tensors end at byte {expected} but the file has {size}", path)
+    return Header(path, tensors, metadata, size)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """``length`` bytes at ``offset`` of the file at ``path``."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+Part = ByteRange | bytes
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """A tensor of an output file, assembled from byte ranges of source files and new bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    parts: tuple[Part, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.length if isinstance(p, ByteRange) else len(p) for p in self.parts)
+
+    @classmethod
+    def copy_of(cls, info: TensorInfo) -> OutTensor:
+        """An unchanged tensor."""
+        return cls(info.name, info.dtype, info.shape, (ByteRange(info.path, info.offset, info.nbytes),))
+
+
+def layout(tensors: list[OutTensor], metadata: dict[str, str]) -> tuple[bytes, list[OutTensor]]:
+    """Header bytes and tensor order the way the reference writer does it.
+
+    Tensors sorted by descending dtype width then name; header padded with spaces to a multiple of 8.
+    """
+    ordered = sorted(tensors, key=lambda t: (-DTYPE_BITS[t.dtype], t.name))
+    entries: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for t in ordered:
+        if t.nbytes != tensor_nbytes(t.dtype, t.shape):
+            raise AssertionError(f"{t.name}: {t.nbytes} bytes for {t.dtype}{list(t.shape)}")
+        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text, ordered
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Append ``length`` bytes at ``offset`` of ``src_fd`` to ``dst_fd``, in the kernel where possible."""
+    end = offset + length
+    while offset < end:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, end - offset, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            n = _copy_fallback(src_fd, dst_fd, offset, end - offset)
+        if n == 0:
+            raise CheckpointError(f"file shrank while being copied (at byte {offset})", _fd_path(src_fd))
+        offset += n
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` at the file position (``os.write`` may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _copy_fallback(src_fd: int, dst_fd: int, offset: int, length: int) -> int:
+    try:
+        return os.sendfile(dst_fd, src_fd, offset, length)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    data = os.pread(src_fd, min(length, 16 << 20), offset)
+    write_all(dst_fd, data)
+    return len(data)
+
+
+def _fd_path(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+class Copier:
+    """Writes output files from parts, merging adjacent byte ranges, with source files opened once."""
+
+    def __init__(self):
+        self._fds: dict[Path, int] = {}
+        self.bytes_copied = 0
+        self.bytes_written = 0
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def write_parts(self, dst_fd: int, parts) -> None:
+        """Append parts (ByteRange or bytes) to ``dst_fd`` in order."""
+        pending: ByteRange | None = None
+        for part in list(parts) + [None]:
+            if isinstance(part, ByteRange) and pending and pending.path == part.path and (
+                pending.offset + pending.length == part.offset
+            ):
+                pending = ByteRange(part.path, pending.offset, pending.length + part.length)
+                continue
+            if pending is not None:
+                copy_range(self._fd(pending.path), dst_fd, pending.offset, pending.length)
+                self.bytes_copied += pending.length
+                pending = None
+            if isinstance(part, ByteRange):
+                pending = part
+            elif part is not None:
+                write_all(dst_fd, part)
+                self.bytes_written += len(part)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,103 @@
+"""Tiny real checkpoints for tests and the demo: random weights, tokenizers built locally, no downloads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WORDS = (
+    "the a reward model policy chosen rejected answer question good bad helpful harmless honest yes no"
+    " token pad end of text user assistant system hello world is are was were be to in on at for with"
+).split()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A tiny member of a model family, shaped like the real checkpoints' configs and tokenizers."""
+
+    model_type: str
+    specials: tuple[str, ...]  # first ids of the vocabulary
+    tokens: int  # tokenizer size, specials included
+    vocab_size: int  # config.vocab_size (>= tokens)
+    eos: str
+    bos: str | None = None
+    pad: str | None = None
+    unk: str | None = None
+    config_eos: tuple[str, ...] = ()  # config.eos_token_id as a list (Llama 3), else the eos id
+    config: dict = field(default_factory=dict)
+
+
+COMMON = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "max_position_embeddings": 128}  # fmt: skip
+
+RECIPES = {
+    # Llama 3.1: no pad, eos list in config, unused <|finetune_right_pad_id|> in the vocabulary.
+    "llama3": Recipe("llama", ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"),
+                     256, 256, eos="<|eot_id|>", bos="<|begin_of_text|>",
+                     config_eos=("<|end_of_text|>", "<|eot_id|>"), config=COMMON),  # fmt: skip
+    # Llama 2 / Tulu: no pad, vocabulary not a multiple of 8.
+    "llama2": Recipe("llama", ("<unk>", "<s>", "</s>"), 253, 253, eos="</s>", bos="<s>", unk="<unk>", config=COMMON),
+    # OLMo 2: <|pad|> set, vocabulary already padded past the tokenizer (must not shrink).
+    "olmo2": Recipe("olmo2", ("<|endoftext|>", "<|pad|>"), 260, 320, eos="<|endoftext|>", bos="<|endoftext|>",
+                    pad="<|pad|>", config=COMMON),  # fmt: skip
+    # OLMoE: <|pad|> = 1, many experts stored per expert.
+    "olmoe": Recipe("olmoe", ("<|endoftext|>", "<|pad|>"), 200, 208, eos="<|endoftext|>", pad="<|pad|>",
+                    config={**COMMON, "num_key_value_heads": 4, "num_experts": 8, "num_experts_per_tok": 2}),  # fmt: skip
+    # Qwen 2.5 base: tied embeddings, pad == eos, spare embedding rows past the tokenizer.
+    "qwen2": Recipe("qwen2", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), 259, 264, eos="<|endoftext|>",
+                    pad="<|endoftext|>", config={**COMMON, "tie_word_embeddings": True}),  # fmt: skip
+}
+
+
+def build_tokenizer(recipe: Recipe):
+    """A real word-level ``tokenizers`` tokenizer wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(recipe.specials)
+    words += [w for w in WORDS if w not in words]
+    words += [f"w{i}" for i in range(recipe.tokens - len(words))]
+    vocab = {w: i for i, w in enumerate(words[: recipe.tokens])}
+    unk = recipe.unk or recipe.eos
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(recipe.specials))
+    roles = {"eos_token": recipe.eos, "bos_token": recipe.bos, "pad_token": recipe.pad, "unk_token": recipe.unk}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in roles.items() if v})
+
+
+def build_checkpoint(
+    kind: str,
+    path: str | Path,
+    *,
+    dtype: str = "float32",
+    labels: int | None = None,
+    max_shard_size: str | None = None,
+    seed: int = 0,
+    **config,
+) -> Path:
+    """Save a tiny random ``kind`` (a key of RECIPES) causal LM, or a ``labels``-label reward model, at ``path``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .modeling import register_sequence_classification_class, sequence_classification_class_name
+
+    recipe = RECIPES[kind]
+    tokenizer = build_tokenizer(recipe)
+    ids = tokenizer.get_vocab()
+    eos = [ids[t] for t in recipe.config_eos] if recipe.config_eos else ids[recipe.eos]
+    settings = {**recipe.config, "vocab_size": recipe.vocab_size, "eos_token_id": eos,
+                "bos_token_id": ids.get(recipe.bos), "pad_token_id": ids.get(recipe.pad), **config}  # fmt: skip
+    if labels:
+        settings["id2label"] = {i: f"LABEL_{i}" for i in range(labels)}
+    model_config = AutoConfig.for_model(recipe.model_type, **settings)
+    torch.manual_seed(seed)
+    path = Path(path)
+    if labels:
+        name = sequence_classification_class_name(recipe.model_type)
+        model = register_sequence_classification_class(recipe.model_type, name)(model_config)
+    else:
+        model = AutoModelForCausalLM.from_config(model_config)
+    model.to(getattr(torch, dtype)).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    tokenizer.save_pretrained(path)
+    return path
