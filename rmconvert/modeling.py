@@ -44,7 +44,9 @@ def build_sequence_classification_class(model_type: str, class_name: str) -> typ
 
     backbone = getattr(transformers, _mappings().MODEL_MAPPING_NAMES[model_type])
     pretrained = next(c for c in backbone.__mro__ if PreTrainedModel in c.__bases__)
-    return type(class_name, (GenericForSequenceClassification, pretrained), {"__module__": __name__})
+    # transformers inspects the defining module's source to decide which attention and experts kernels a
+    # class may use: claim the family's module so the backbone computes exactly as the causal LM does.
+    return type(class_name, (GenericForSequenceClassification, pretrained), {"__module__": pretrained.__module__})
 
 
 _BUILT: dict[str, type] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,35 +34,41 @@ COMMON = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "n
 RECIPES = {
     # Llama 3.1: no pad, eos list in config, unused <|finetune_right_pad_id|> in the vocabulary.
     "llama3": Recipe("llama", ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"),
-                     256, 256, eos="<|eot_id|>", bos="<|begin_of_text|>",
+                     296, 296, eos="<|eot_id|>", bos="<|begin_of_text|>",
                      config_eos=("<|end_of_text|>", "<|eot_id|>"), config=COMMON),  # fmt: skip
     # Llama 2 / Tulu: no pad, vocabulary not a multiple of 8.
-    "llama2": Recipe("llama", ("<unk>", "<s>", "</s>"), 253, 253, eos="</s>", bos="<s>", unk="<unk>", config=COMMON),
+    "llama2": Recipe("llama", ("<unk>", "<s>", "</s>"), 293, 293, eos="</s>", bos="<s>", unk="<unk>", config=COMMON),
     # OLMo 2: <|pad|> set, vocabulary already padded past the tokenizer (must not shrink).
-    "olmo2": Recipe("olmo2", ("<|endoftext|>", "<|pad|>"), 260, 320, eos="<|endoftext|>", bos="<|endoftext|>",
+    "olmo2": Recipe("olmo2", ("<|endoftext|>", "<|pad|>"), 300, 352, eos="<|endoftext|>", bos="<|endoftext|>",
                     pad="<|pad|>", config=COMMON),  # fmt: skip
     # OLMoE: <|pad|> = 1, many experts stored per expert.
-    "olmoe": Recipe("olmoe", ("<|endoftext|>", "<|pad|>"), 200, 208, eos="<|endoftext|>", pad="<|pad|>",
+    "olmoe": Recipe("olmoe", ("<|endoftext|>", "<|pad|>"), 290, 304, eos="<|endoftext|>", pad="<|pad|>",
                     config={**COMMON, "num_key_value_heads": 4, "num_experts": 8, "num_experts_per_tok": 2}),  # fmt: skip
     # Qwen 2.5 base: tied embeddings, pad == eos, spare embedding rows past the tokenizer.
-    "qwen2": Recipe("qwen2", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), 259, 264, eos="<|endoftext|>",
+    "qwen2": Recipe("qwen2", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), 299, 304, eos="<|endoftext|>",
                     pad="<|endoftext|>", config={**COMMON, "tie_word_embeddings": True}),  # fmt: skip
 }
 
 
 def build_tokenizer(recipe: Recipe):
-    """A real word-level ``tokenizers`` tokenizer wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A byte-level BPE trained locally with ``tokenizers`` (as Llama 3, OLMo 2 and Qwen 2 use), as a
+    transformers fast tokenizer of exactly ``recipe.tokens`` tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    words = list(recipe.specials)
-    words += [w for w in WORDS if w not in words]
-    words += [f"w{i}" for i in range(recipe.tokens - len(words))]
-    vocab = {w: i for i, w in enumerate(words[: recipe.tokens])}
-    unk = recipe.unk or recipe.eos
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(list(recipe.specials))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe.tokens,
+        special_tokens=list(recipe.specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]
+    tok.train_from_iterator(corpus, trainer)
+    if tok.get_vocab_size() != recipe.tokens:
+        raise AssertionError(f"trained {tok.get_vocab_size()} tokens, wanted {recipe.tokens}")
     roles = {"eos_token": recipe.eos, "bos_token": recipe.bos, "pad_token": recipe.pad, "unk_token": recipe.unk}
     return PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in roles.items() if v})
 
@@ -101,3 +108,13 @@ def build_checkpoint(
     model.to(getattr(torch, dtype)).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(path)
     return path
+
+
+def snapshot(path: str | Path) -> dict[str, str]:
+    """sha256 of every file under ``path``, by relative name (to prove a directory unchanged)."""
+    path = Path(path)
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
 import pytest
 
-from rmconvert.testing import build_checkpoint
+from rmconvert.testing import build_checkpoint, snapshot  # noqa: F401  (snapshot: see rmconvert.testing)
 
 
 @pytest.fixture(scope="session")
@@ -33,12 +32,3 @@ def writable_copy(tmp_path):
         return Path(shutil.copytree(path, tmp_path / name))
 
     return _copy
-
-
-def snapshot(path: Path) -> dict[str, str]:
-    """sha256 of every file under ``path``, by relative name."""
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
