@@ -70,7 +70,8 @@ def build_tokenizer(recipe: Recipe):
     if tok.get_vocab_size() != recipe.tokens:
         raise AssertionError(f"trained {tok.get_vocab_size()} tokens, wanted {recipe.tokens}")
     roles = {"eos_token": recipe.eos, "bos_token": recipe.bos, "pad_token": recipe.pad, "unk_token": recipe.unk}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in roles.items() if v})
+    roles = {k: v for k, v in roles.items() if v}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_input_names=["input_ids", "attention_mask"], **roles)
 
 
 def build_checkpoint(
