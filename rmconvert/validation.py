@@ -50,14 +50,14 @@ def _head(ckpt: Checkpoint, hidden) -> list[Finding]:
     return findings
 
 
-def _vocab_and_pad(ckpt: Checkpoint, tc: dict) -> list[Finding]:
+def _vocab_and_pad(ckpt: Checkpoint, tc: dict, embedding: str | None) -> list[Finding]:
     findings = []
     try:
         tok = TokenizerFiles.read(ckpt.path)
     except CheckpointError as exc:
         return [Finding("RM060", ERROR, Path(str(exc.path)).name, "", exc.message)]
     vocab, pad = tc.get("vocab_size"), tc.get("pad_token_id")
-    emb = next((t for n, t in ckpt.tensors.items() if n.endswith("embed_tokens.weight")), None)
+    emb = ckpt.tensors.get(embedding) if embedding else None
     if type(vocab) is int:
         if vocab < len(tok):
             findings.append(Finding("RM021", ERROR, "config.json", "/vocab_size",
@@ -121,7 +121,12 @@ def validate(path: str | Path, registry: Registry | None = None) -> list[Finding
         findings.append(Finding("RM002", ERROR, "config.json", pointer, message))
     tc = text_config(ckpt.config)
     findings += _head(ckpt, tc.get("hidden_size"))
-    findings += _vocab_and_pad(ckpt, tc)
+    try:
+        embedding = arch.embedding_name(ckpt) if arch else None
+    except CheckpointError as exc:
+        findings.append(Finding("RM023", ERROR, "config.json", "", exc.message))
+        embedding = None
+    findings += _vocab_and_pad(ckpt, tc, embedding)
     findings += _index(ckpt)
     findings += _dropout(ckpt, tc, arch.dropout_fields if arch else ())
     return findings
