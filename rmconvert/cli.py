@@ -65,10 +65,18 @@ def cli():
 @click.option("--init-std", type=float, help="Std of a new head (default 1/sqrt(hidden_size + 1), as open-instruct).")
 @click.option("--from-bt", type=click.Choice(["row1", "difference"]), default="row1", show_default=True,
               help="2-label source to scalar: row1 (HALOs trains only row 1) or row 1 - row 0 (softmax classifiers).")  # fmt: skip
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Cast float tensors (streamed in bounded chunks). Default: keep the source's dtypes.")  # fmt: skip
+@click.option("--max-shard-size", metavar="SIZE", help="Re-shard into files of at most SIZE (e.g. 5GB, 500MiB)."
+              " Default: keep the source's shard layout.")  # fmt: skip
+@click.option("--link", is_flag=True,
+              help="Reflink, or else hard-link, shards that need no change instead of copying them. A hard link"
+              " shares the source's inode: writing to either file changes both, and the file keeps the source's"
+              " permissions. Output bytes are the same as without --link.")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty DST (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @reports_errors
-def convert(src, dst, overwrite, as_json, **options):
+def convert(src, dst, overwrite, link, as_json, **options):
     """Convert the checkpoint SRC into a reward-model checkpoint DST.
 
     Unchanged tensors are copied as bytes; the model is never loaded. SRC is never written, and DST
@@ -76,7 +84,7 @@ def convert(src, dst, overwrite, as_json, **options):
     """
     from .engine import convert as run
 
-    report = run(src, dst, overwrite=overwrite, progress=lambda msg: click.echo(msg, err=True), **options)
+    report = run(src, dst, overwrite=overwrite, link=link, progress=lambda msg: click.echo(msg, err=True), **options)
     if as_json:
         _echo_json(report)
         return

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import copy
+import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
 from .checkpoint import INDEX, SINGLE, Checkpoint, open_checkpoint, read_json, text_config
+from .dtypes import FLOAT_DTYPES, TORCH_NAMES
 from .errors import CheckpointError, OutputError, UsageError
-from .head import FLOAT_DTYPES, default_init_std, mean_row, score_parts
+from .head import default_init_std, mean_row, score_parts
 from .host import Registered, Registry, load_registry
 from .output import FILE_MODE, check_destination, staged, write_file
-from .pad import choose_pad
-from .safetensors_io import ByteRange, Copier, OutTensor, layout
+from .pad import PadChoice, choose_pad
+from .safetensors_io import ByteRange, Copier, Header, OutTensor, layout
 from .schema import schema_errors
 from .tokenizer_files import TokenizerFiles
 
@@ -27,11 +31,23 @@ GENERATION_CONFIG = "generation_config.json"
 HEADS = {"scalar": 1, "bt": 2}
 #: Files never carried over: other weight formats, which would disagree with the converted weights.
 SKIPPED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".safetensors")
+FICLONE = 0x40049409  # ioctl: share the source's extents (reflink) on XFS, btrfs, ...
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """Bytes of a size such as ``5GB``, ``500MiB`` or ``1000000``."""
+    if text is None or isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise UsageError(f"--max-shard-size {text!r} is not a size like 5GB or 500MiB")
+    return int(float(match[1]) * SIZE_UNITS[(match[2] or "").upper()])
 
 
 @dataclass(frozen=True)
 class Options:
-    """What the user asked for; the same options on the same source give byte-identical output."""
+    """What the output depends on: the same source and options give byte-identical output."""
 
     arch: str = "auto"
     head: str = "scalar"
@@ -39,6 +55,8 @@ class Options:
     seed: int = 0
     init_std: float | None = None
     from_bt: str = "row1"
+    dtype: str | None = None
+    max_shard_size: int | None = None
 
     def check(self) -> None:
         if self.head not in HEADS:
@@ -49,6 +67,10 @@ class Options:
             raise UsageError(f"--init-std must be a positive number, not {self.init_std!r}")
         if not self.pad_token:
             raise UsageError("--pad-token must not be empty")
+        if self.dtype is not None and self.dtype not in TORCH_NAMES:
+            raise UsageError(f"--dtype must be one of {', '.join(TORCH_NAMES)}, not {self.dtype!r}")
+        if self.max_shard_size is not None and self.max_shard_size <= 0:
+            raise UsageError("--max-shard-size must be positive")
 
 
 @dataclass
@@ -58,7 +80,7 @@ class Plan:
     checkpoint: Checkpoint
     registered: Registered
     json_files: dict[str, dict]
-    shards: dict[str, tuple[Header, list[OutTensor] | None]]  # name -> (source shard, tensors; None = copy file)
+    shards: dict[str, Header | list[OutTensor]]  # file name -> source shard copied whole, or tensors to assemble
     index: dict | None
     copies: list[str]
     report: dict = field(default_factory=dict)
@@ -71,6 +93,7 @@ def _head_tensor(ckpt: Checkpoint) -> str:
 
 
 def _check_shapes(ckpt: Checkpoint, embedding: str, head: str) -> tuple[int, int]:
+    """(vocab_size, hidden_size), after checking the embedding and any head agree with config.json."""
     tc = text_config(ckpt.config)
     vocab, hidden = tc.get("vocab_size"), tc.get("hidden_size")
     if type(vocab) is not int or type(hidden) is not int or vocab <= 0 or hidden <= 0:
@@ -97,7 +120,8 @@ def _check_shapes(ckpt: Checkpoint, embedding: str, head: str) -> tuple[int, int
     return vocab, hidden
 
 
-def _output_config(ckpt, registered, labels, vocab, pad) -> dict:
+def _output_config(ckpt: Checkpoint, registered: Registered, labels: int, vocab: int, pad: PadChoice, dtype) -> dict:
+    """config.json of the reward model: class, labels, vocab, pad, no dropout; the rest preserved."""
     config = copy.deepcopy(ckpt.config)
     arch = registered.architecture
     config["architectures"] = [arch.class_name(ckpt.model_type)]
@@ -112,7 +136,27 @@ def _output_config(ckpt, registered, labels, vocab, pad) -> dict:
         for name in arch.dropout_fields:
             if isinstance(target.get(name), (int, float)) and not isinstance(target[name], bool) and target[name]:
                 target[name] = 0.0
+        for key in ("dtype", "torch_dtype"):
+            if dtype and key in target:
+                target[key] = dtype
     return config
+
+
+def _reshard(tensors: list[OutTensor], limit: int) -> list[list[OutTensor]]:
+    """Split tensors, in order, into shards of at most ``limit`` bytes (a bigger tensor gets its own)."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def _shard_names(count: int, sharded: bool) -> list[str]:
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)] if sharded else [SINGLE]
 
 
 def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) -> Plan:
@@ -133,50 +177,61 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     score_dtype = existing.dtype if existing else emb.dtype
     parts, head_how = score_parts(existing, labels, hidden, score_dtype, std, options.seed, options.from_bt)
     score = OutTensor("score.weight", score_dtype, (labels, hidden), tuple(parts))
+    target = TORCH_NAMES[options.dtype] if options.dtype else None
 
+    # Per source shard: the tensors it keeps (a grown embedding replaces the old one), and whether it changed.
     dropped = sorted(n for n in ckpt.tensors if arch.dropped(n) or n == head)
-    out: list[list[OutTensor]] = []
-    touched: list[bool] = []
+    grouped: list[list[OutTensor]] = []
+    changed: list[bool] = []
     for shard in ckpt.shards:
-        tensors, changed = [], False
-        for name, info in sorted(shard.tensors.items()):
-            if name in dropped:
-                changed = True
-            elif name == embedding and new_vocab > vocab:
-                extra = mean_row(emb) * (new_vocab - vocab)
-                tensors.append(OutTensor(name, emb.dtype, (new_vocab, hidden), (*OutTensor.copy_of(emb).parts, extra)))
-                changed = True
-            else:
-                tensors.append(OutTensor.copy_of(info))
-        out.append(tensors)
-        touched.append(changed or (shard.metadata or {}).get("format") != "pt")
-    home = next((i for i, (t, c) in enumerate(zip(out, touched)) if c and t), len(out) - 1)
-    while not out[home] and home > 0:
+        kept = []
+        for info in sorted(shard.tensors.values(), key=lambda t: t.offset):
+            if info.name in dropped:
+                continue
+            tensor = OutTensor.copy_of(info)
+            if info.name == embedding and new_vocab > vocab:
+                extra = mean_row(emb, emb.dtype) * (new_vocab - vocab)
+                tensor = OutTensor(info.name, emb.dtype, (new_vocab, hidden), (*tensor.parts, extra))
+            kept.append(tensor.as_dtype(target) if target else tensor)
+        grouped.append(kept)
+        changed.append(
+            len(kept) != len(shard.tensors)
+            or any(t.parts != OutTensor.copy_of(shard.tensors[t.name]).parts for t in kept)
+            or (shard.metadata or {}).get("format") != "pt"
+        )
+    # The head joins a shard that is rewritten anyway (where the old head or lm_head was), else the last one.
+    home = next((i for i, c in enumerate(changed) if c and grouped[i]), len(grouped) - 1)
+    while not grouped[home] and home > 0:
         home -= 1
-    out[home].append(score)
-    touched[home] = True
+    grouped[home].append(score.as_dtype(target) if target else score)
+    changed[home] = True
 
-    kept = [(s, t, c) for s, t, c in zip(ckpt.shards, out, touched) if t]
-    names = [SINGLE] if ckpt.index is None else [f"model-{i:05d}-of-{len(kept):05d}.safetensors" for i in range(1, len(kept) + 1)]
-    shards = {name: (shard, tensors if changed else None) for name, (shard, tensors, changed) in zip(names, kept)}
+    if options.max_shard_size:
+        layout_ = _reshard([t for group in grouped for t in group], options.max_shard_size)
+        sources: list[Header | None] = [None] * len(layout_)
+    else:
+        pairs = [(g, s if not c else None) for g, s, c in zip(grouped, ckpt.shards, changed) if g]
+        layout_, sources = [g for g, _ in pairs], [s for _, s in pairs]
+    names = _shard_names(len(layout_), ckpt.index is not None or len(layout_) > 1)
+    shards = {name: source or group for name, group, source in zip(names, layout_, sources)}
     index = None
-    if ckpt.index is not None:
-        all_tensors = [tensor for _, tensors, _ in kept for tensor in tensors]
-        metadata = {"total_size": sum(t.nbytes for t in all_tensors)}
-        if "total_parameters" in (ckpt.index.get("metadata") or {}):
-            metadata["total_parameters"] = sum(math.prod(t.shape) for t in all_tensors)
-        weight_map = {t.name: name for name, (_, tensors, _) in zip(names, kept) for t in tensors}
+    if len(names) > 1 or names[0] != SINGLE:
+        every = [t for group in layout_ for t in group]
+        metadata = {"total_size": sum(t.nbytes for t in every)}
+        if "total_parameters" in ((ckpt.index or {}).get("metadata") or {}):
+            metadata["total_parameters"] = sum(math.prod(t.shape) for t in every)
+        weight_map = {t.name: name for name, group in zip(names, layout_) for t in group}
         index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
 
-    config = _output_config(ckpt, registered, labels, new_vocab, pad)
+    config = _output_config(ckpt, registered, labels, new_vocab, pad, options.dtype)
     problems = schema_errors(config, arch.schema)
     if problems:
         raise CheckpointError(f"the converted config would not satisfy {arch.schema.name}: {problems[0]}", ckpt.config_path)
     json_files = {"config.json": config}
     if pad.token is not None and options.pad_token != "keep":
-        for name, patched in tok.with_pad(pad.token).items():
-            if patched != getattr(tok, name.removesuffix(".json")) :
-                json_files[name] = patched
+        originals = {"tokenizer.json": tok.tokenizer, "tokenizer_config.json": tok.tokenizer_config,
+                     "special_tokens_map.json": tok.special_tokens_map}  # fmt: skip
+        json_files.update({n: f for n, f in tok.with_pad(pad.token).items() if f != originals[n]})
     if generation_config is not None and "pad_token_id" in generation_config and pad.id is not None:
         json_files[GENERATION_CONFIG] = {**generation_config, "pad_token_id": pad.id}
     skip = set(json_files) | {INDEX, MANIFEST}
@@ -194,9 +249,10 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
         "head": {"from": existing.shape[0] if existing else None, "labels": labels, "how": head_how},
         "pad": {"token": pad.token, "id": pad.id, "action": pad.action},
         "vocab": {"from": vocab, "to": new_vocab, "tokenizer": tokens, "added_rows": new_vocab - vocab},
+        "dtype": options.dtype or "unchanged",
         "dropped": dropped,
         "files": sorted([*shards, *json_files, *copies, *([INDEX] if index else []), MANIFEST]),
-        "whole_file_copies": sorted(name for name, (_, tensors) in shards.items() if tensors is None),
+        "whole_file_copies": sorted(name for name, shard in shards.items() if isinstance(shard, Header)),
         "warnings": list(pad.warnings),
     }
     if existing is not None and pad.action == "kept":
@@ -215,25 +271,65 @@ def _dump(obj: dict) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
 
 
-def write_plan(plan: Plan, out: Path, options: Options, progress=None) -> None:
-    """Write every file of ``plan`` into the (empty) directory ``out``."""
+def _link(source: Path, target: Path) -> str | None:
+    """Reflink, else hard-link ``source`` to the new ``target``; the method used, or None if neither works."""
+    with open(source, "rb") as src:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            fcntl.ioctl(fd, FICLONE, src.fileno())
+            return "reflink"
+        except OSError:
+            os.unlink(target)
+        finally:
+            os.close(fd)
+    try:
+        os.link(source, target)
+        return "hardlink"
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            return None
+        raise
+
+
+def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
+    entry = plan.registered
+    return {
+        "rmconvert": __version__,
+        "architecture": {"name": entry.architecture.name, "plugin": entry.plugin,
+                         "distribution": entry.distribution, "version": entry.version},  # fmt: skip
+        "options": asdict(options),
+        "source_files": hashes,
+        "result": {k: plan.report[k] for k in ("class", "source_kind", "head", "pad", "vocab", "dtype", "dropped")},
+    }
+
+
+def write_plan(plan: Plan, out: Path, options: Options, link: bool = False, progress=None) -> dict[str, int]:
+    """Write every file of ``plan`` into the empty directory ``out``; returns how each shard was written."""
     ckpt = plan.checkpoint
-    sources = sorted({*[s.path.name for s in ckpt.shards], *plan.copies, "config.json", "tokenizer.json"}
-                     | ({INDEX} if ckpt.index else set()))  # fmt: skip
+    read = [s.path.name for s in ckpt.shards] + plan.copies + [n for n in plan.json_files if (ckpt.path / n).exists()]
+    read += [INDEX] if ckpt.index is not None else []
+    methods = {"copied": 0, "assembled": 0, "reflink": 0, "hardlink": 0}
     copier = Copier()
     with ThreadPoolExecutor(max_workers=1) as pool:  # hash the sources on the second core while copying
-        hashes = {name: pool.submit(_sha256, ckpt.path / name) for name in sources}
+        hashes = {name: pool.submit(_sha256, ckpt.path / name) for name in sorted(set(read))}
         try:
-            for i, (name, (shard, tensors)) in enumerate(plan.shards.items(), 1):
+            for i, (name, shard) in enumerate(plan.shards.items(), 1):
                 if progress:
                     progress(f"[{i}/{len(plan.shards)}] {name}")
+                method = _link(shard.path, out / name) if link and isinstance(shard, Header) else None
+                if method:
+                    methods[method] += 1
+                    continue
                 fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
                 try:
-                    if tensors is None:
+                    if isinstance(shard, Header):
                         copier.write_parts(fd, [ByteRange(shard.path, 0, shard.size)])
+                        methods["copied"] += 1
                     else:
-                        header, ordered = layout(tensors, {**(shard.metadata or {}), "format": "pt"})
+                        metadata = _metadata(ckpt, shard)
+                        header, ordered = layout(shard, metadata)
                         copier.write_parts(fd, [header] + [p for t in ordered for p in t.parts])
+                        methods["assembled"] += 1
                 finally:
                     os.close(fd)
             for name in plan.copies:
@@ -245,22 +341,17 @@ def write_plan(plan: Plan, out: Path, options: Options, progress=None) -> None:
         finally:
             copier.close()
         for name, obj in plan.json_files.items():
-            write_file(out / name, _dump(obj if name != "config.json" else dict(sorted(obj.items()))))
+            write_file(out / name, _dump(dict(sorted(obj.items())) if name == "config.json" else obj))
         if plan.index is not None:
             write_file(out / INDEX, _dump(plan.index))
-        manifest = {
-            "rmconvert": __version__,
-            "architecture": {
-                "name": plan.registered.architecture.name,
-                "plugin": plan.registered.plugin,
-                "distribution": plan.registered.distribution,
-                "version": plan.registered.version,
-            },
-            "options": options.__dict__,
-            "source_files": {name: future.result() for name, future in sorted(hashes.items())},
-            "result": {k: plan.report[k] for k in ("class", "source_kind", "head", "pad", "vocab", "dropped")},
-        }
-        write_file(out / MANIFEST, _dump(manifest))
+        write_file(out / MANIFEST, _dump(_manifest(plan, options, {n: f.result() for n, f in hashes.items()})))
+    return methods
+
+
+def _metadata(ckpt: Checkpoint, tensors: list[OutTensor]) -> dict[str, str]:
+    """``__metadata__`` of an assembled shard: the first source shard's, with ``format: pt``."""
+    first = next((s for s in ckpt.shards if any(t.name in s.tensors for t in tensors)), ckpt.shards[0])
+    return {**(first.metadata or {}), "format": "pt"}
 
 
 def convert(
@@ -268,14 +359,17 @@ def convert(
     dst: str | Path,
     *,
     overwrite: bool = False,
+    link: bool = False,
     registry: Registry | None = None,
     progress=None,
     **options,
 ) -> dict:
     """Convert the checkpoint at ``src`` into a reward model at ``dst``; returns the report.
 
-    ``options`` are the fields of :class:`Options` (arch, head, pad_token, seed, init_std, from_bt).
+    ``options`` are the fields of :class:`Options`. ``link`` reflinks or hard-links shards that are
+    unchanged instead of copying them (a hard-linked file shares its inode with the source).
     """
+    options["max_shard_size"] = parse_size(options.get("max_shard_size"))
     opts = Options(**options)
     opts.check()
     src, dst = Path(src), Path(dst)
@@ -288,9 +382,8 @@ def convert(
     plan = plan_conversion(ckpt, registered, opts)
     try:
         with staged(dst, overwrite) as out:
-            write_plan(plan, out, opts, progress)
+            plan.report["written"] = write_plan(plan, out, opts, link, progress)
     except OSError as exc:
-        where = exc.filename or dst
-        raise OutputError(f"write failed: {exc.strerror or exc}", where) from None
+        raise OutputError(f"write failed: {exc.strerror or exc}", exc.filename or dst) from None
     plan.report["destination"] = str(dst)
     return plan.report

@@ -13,10 +13,10 @@ import os
 
 import numpy as np
 
+from .dtypes import decode, encode
 from .safetensors_io import ByteRange, TensorInfo
 
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 4 << 20  # bytes of embedding rows decoded at a time
 
 
 def default_init_std(hidden_size: int) -> float:
@@ -24,35 +24,18 @@ def default_init_std(hidden_size: int) -> float:
     return 1.0 / math.sqrt(hidden_size + 1)
 
 
-def to_float64(raw: bytes, dtype: str) -> np.ndarray:
-    """Decode little-endian bytes of a float dtype."""
-    if dtype == "BF16":
-        return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return np.frombuffer(raw, {"F64": "<f8", "F32": "<f4", "F16": "<f2"}[dtype]).astype(np.float64)
-
-
-def from_float64(values: np.ndarray, dtype: str) -> bytes:
-    """Encode values as ``dtype`` bytes, rounding to nearest even (as torch does)."""
-    if dtype == "BF16":
-        bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = np.where(np.isnan(values), 0x7FC0, rounded)
-        return rounded.astype("<u2").tobytes()
-    return values.astype({"F64": "<f8", "F32": "<f4", "F16": "<f2"}[dtype]).tobytes()
-
-
 def initial_row(hidden_size: int, std: float, seed: int, dtype: str) -> bytes:
     """A fresh head row ``N(0, std)``, reproducible from ``seed``."""
     rng = np.random.default_rng(seed)
-    return from_float64(rng.standard_normal(hidden_size) * std, dtype)
+    return encode(rng.standard_normal(hidden_size) * std, dtype)
 
 
 def zero_row(hidden_size: int, dtype: str) -> bytes:
-    return from_float64(np.zeros(hidden_size), dtype)
+    return encode(np.zeros(hidden_size), dtype)
 
 
-def mean_row(embedding: TensorInfo) -> bytes:
-    """Mean of an embedding's rows, read in chunks of at most CHUNK_BYTES, in the embedding's dtype."""
+def mean_row(embedding: TensorInfo, dtype: str) -> bytes:
+    """Mean of an embedding's rows as ``dtype``, read in chunks of at most CHUNK_BYTES."""
     rows, row_bytes = embedding.shape[0], embedding.row_bytes
     step = max(1, CHUNK_BYTES // max(row_bytes, 1))
     total = np.zeros(embedding.shape[1], dtype=np.float64)
@@ -61,10 +44,10 @@ def mean_row(embedding: TensorInfo) -> bytes:
         for start in range(0, rows, step):
             count = min(step, rows - start)
             raw = os.pread(fd, count * row_bytes, embedding.offset + start * row_bytes)
-            total += to_float64(raw, embedding.dtype).reshape(count, -1).sum(axis=0)
+            total += decode(raw, embedding.dtype).reshape(count, -1).sum(axis=0, dtype=np.float64)
     finally:
         os.close(fd)
-    return from_float64(total / rows, embedding.dtype)
+    return encode(total / rows, dtype)
 
 
 def row(info: TensorInfo, index: int) -> ByteRange:
@@ -76,7 +59,7 @@ def read_row(info: TensorInfo, index: int) -> np.ndarray:
     part = row(info, index)
     with open(part.path, "rb") as f:
         f.seek(part.offset)
-        return to_float64(f.read(part.length), info.dtype)
+        return decode(f.read(part.length), info.dtype).astype(np.float64)
 
 
 def score_parts(
@@ -97,4 +80,4 @@ def score_parts(
     if from_bt == "row1":  # HALOs trains only row 1
         return (row(existing, 1),), "row 1 of the 2-label head (the row HALOs trains)"
     difference = read_row(existing, 1) - read_row(existing, 0)
-    return (from_float64(difference, dtype),), "row 1 - row 0 of the 2-label head (softmax-trained classifier)"
+    return (encode(difference, dtype),), "row 1 - row 0 of the 2-label head (softmax-trained classifier)"

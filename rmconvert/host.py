@@ -47,9 +47,11 @@ class Registry:
         if architecture.name in self.entries:
             other = self.entries[architecture.name].plugin
             raise PluginError(f"plugins {other!r} and {plugin!r} both register architecture {architecture.name!r}")
-        for entry in self.entries.values():
+        specific = [e for e in self.entries.values() if not e.architecture.fallback]
+        # a catch-all shares its model_types by design (and listing them imports transformers)
+        for entry in specific if not architecture.fallback else []:
             shared = set(entry.architecture.model_types) & set(architecture.model_types)
-            if shared and not (entry.architecture.fallback or architecture.fallback):
+            if shared:
                 raise PluginError(
                     f"plugins {entry.plugin!r} ({entry.architecture.name}) and {plugin!r} ({architecture.name})"
                     f" both claim model_type {sorted(shared)[0]!r}"

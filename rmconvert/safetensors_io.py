@@ -17,6 +17,7 @@ from pathlib import Path
 from .errors import CheckpointError
 
 MAX_HEADER = 100_000_000  # the reference reader's limit
+CAST_CHUNK = 16 << 20  # bytes read at a time when casting
 #: Bits per element of every safetensors dtype.
 DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
@@ -144,7 +145,20 @@ class ByteRange:
     length: int
 
 
-Part = ByteRange | bytes
+@dataclass(frozen=True)
+class Cast:
+    """The bytes of ``source`` as another float dtype, converted in bounded chunks while writing."""
+
+    source: ByteRange
+    from_dtype: str
+    to_dtype: str
+
+    @property
+    def length(self) -> int:
+        return self.source.length // DTYPE_BITS[self.from_dtype] * DTYPE_BITS[self.to_dtype]
+
+
+Part = ByteRange | Cast | bytes
 
 
 @dataclass(frozen=True)
@@ -158,7 +172,16 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.length if isinstance(p, ByteRange) else len(p) for p in self.parts)
+        return sum(len(p) if isinstance(p, bytes) else p.length for p in self.parts)
+
+    def as_dtype(self, dtype: str) -> OutTensor:
+        """This tensor cast to float ``dtype`` (unchanged if it already is one, or is not a float)."""
+        from .dtypes import FLOAT_DTYPES, cast
+
+        if self.dtype == dtype or self.dtype not in FLOAT_DTYPES:
+            return self
+        parts = tuple(cast(p, self.dtype, dtype) if isinstance(p, bytes) else Cast(p, self.dtype, dtype) for p in self.parts)
+        return OutTensor(self.name, dtype, self.shape, parts)
 
     @classmethod
     def copy_of(cls, info: TensorInfo) -> OutTensor:
@@ -249,9 +272,22 @@ class Copier:
                 pending = None
             if isinstance(part, ByteRange):
                 pending = part
+            elif isinstance(part, Cast):
+                self._write_cast(dst_fd, part)
             elif part is not None:
                 write_all(dst_fd, part)
                 self.bytes_written += len(part)
+
+    def _write_cast(self, dst_fd: int, part: Cast) -> None:
+        from .dtypes import cast
+
+        fd, src = self._fd(part.source.path), part.source
+        step = CAST_CHUNK - CAST_CHUNK % (DTYPE_BITS[part.from_dtype] // 8)
+        for start in range(0, src.length, step):
+            raw = os.pread(fd, min(step, src.length - start), src.offset + start)
+            out = cast(raw, part.from_dtype, part.to_dtype)
+            write_all(dst_fd, out)
+            self.bytes_written += len(out)
 
     def close(self) -> None:
         for fd in self._fds.values():

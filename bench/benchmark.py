@@ -1,0 +1,146 @@
+"""Benchmark ``rmconvert convert`` against ``cp -r`` and the naive transformers path.
+
+Builds random checkpoints once (cached under bench/cache), then runs the three approaches alternately,
+each as its own process followed by ``sync``, and prints wall time and peak RSS (median of the runs)
+with ratios measured in the same run. Usage: ``python bench/benchmark.py [--runs 3] [--models ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TIME = "/usr/bin/time"  # GNU time (Debian package "time")
+MODELS = {
+    # ~0.95B Llama, bf16, vocab 32000 with no pad token: the embedding grows and <pad> is added.
+    "llama-1b": dict(model_type="llama", layers=16, hidden=2048, intermediate=5632, heads=16, vocab=32000),
+    # the same family at ~2x the parameters, to show how time and memory scale.
+    "llama-2b": dict(model_type="llama", layers=34, hidden=2048, intermediate=5632, heads=16, vocab=32000),
+    # ~0.75B OLMoE with 64 experts per layer, stored per expert on disk.
+    "olmoe-0.7b": dict(model_type="olmoe", layers=12, hidden=1024, intermediate=256, heads=16, vocab=50304,
+                       experts=64, pad="<|pad|>"),  # fmt: skip
+}
+
+NAIVE = r"""
+import sys
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from rmconvert.loading import register_classes
+src, dst = sys.argv[1:3]
+register_classes(src)  # OLMoE has no sequence-classification class in transformers
+tok = AutoTokenizer.from_pretrained(src)
+if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+    tok.add_special_tokens({"pad_token": "<pad>"})
+model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, dtype="auto")
+if len(tok) > model.get_input_embeddings().weight.shape[0]:
+    model.resize_token_embeddings(len(tok), pad_to_multiple_of=8)
+model.config.pad_token_id = tok.pad_token_id
+model.save_pretrained(dst)
+tok.save_pretrained(dst)
+"""
+
+
+def build(name: str, spec: dict, cache: Path) -> Path:
+    """A random bf16 causal LM saved by transformers in ~500 MB shards, with a word-level tokenizer."""
+    path = cache / name
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"] + ([spec["pad"]] if spec.get("pad") else [])
+    tokens = spec["vocab"] - (24 if spec.get("pad") else 0)
+    vocab = {w: i for i, w in enumerate(specials + [f"w{i}" for i in range(tokens - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials)
+    extra = {"num_experts": spec["experts"], "num_experts_per_tok": 8} if "experts" in spec else {}
+    config = AutoConfig.for_model(
+        spec["model_type"], hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
+        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
+        vocab_size=spec["vocab"], bos_token_id=1, eos_token_id=2, pad_token_id=vocab.get(spec.get("pad")), **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size="500MB")
+    roles = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": spec.get("pad")}
+    PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in roles.items() if v}).save_pretrained(tmp)
+    tmp.rename(path)
+    return path
+
+
+def measure(command: list[str]) -> tuple[float, float]:
+    """(wall seconds including a final sync, peak RSS MiB) of ``command``.
+
+    Peak RSS comes from GNU time, which forks a small process to exec the command: measured from
+    Python, a child would inherit the benchmark process's own high-water mark through vfork + exec.
+    """
+    subprocess.run(["sync"], check=True)
+    start = time.perf_counter()
+    proc = subprocess.run([TIME, "-f", "%M", *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    subprocess.run(["sync"], check=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(command)}\n{proc.stderr}")
+    return wall, int(proc.stderr.strip().splitlines()[-1]) / 1024
+
+
+def size_of(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--cache", type=Path, default=HERE / "cache")
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--build", metavar="MODEL", help="only build (or find) MODEL's checkpoint")
+    args = parser.parse_args()
+    if args.build:
+        build(args.build, MODELS[args.build], args.cache)
+        return
+    rmconvert = shutil.which("rmconvert") or str(Path(sys.executable).with_name("rmconvert"))
+    out = args.cache / "out"
+    approaches = {
+        "cp -r": lambda src: ["cp", "-r", str(src), str(out)],
+        "rmconvert convert": lambda src: [rmconvert, "convert", str(src), str(out)],
+        "naive transformers": lambda src: [sys.executable, "-c", NAIVE, str(src), str(out)],
+    }
+    if args.skip_naive:
+        del approaches["naive transformers"]
+    print("| model | size | approach | wall (s) | peak RSS (MiB) | wall / cp | vs rmconvert: time, memory |")
+    print("|---|---|---|---|---|---|---|")
+    names = args.models.split(",")
+    for name in names:  # built in a child process, so this one stays small
+        subprocess.run([sys.executable, __file__, "--build", name, "--cache", str(args.cache)], check=True)
+    for name in names:
+        src = args.cache / name
+        results: dict[str, list[tuple[float, float]]] = {a: [] for a in approaches}
+        for _ in range(args.runs):
+            for approach, command in approaches.items():  # alternate, so drift hits every approach alike
+                shutil.rmtree(out, ignore_errors=True)
+                results[approach].append(measure(command(src)))
+        shutil.rmtree(out, ignore_errors=True)
+        median = {a: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for a, r in results.items()}
+        cp_wall, ours = median["cp -r"][0], median["rmconvert convert"]
+        for approach, (wall, rss) in median.items():
+            versus = f"{wall / ours[0]:.1f}x, {rss / ours[1]:.1f}x" if approach == "naive transformers" else ""
+            print(f"| {name} | {size_of(src) / 2**30:.2f} GiB | {approach} | {wall:.2f} | {rss:.0f} |"
+                  f" {wall / cp_wall:.2f} | {versus} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
