@@ -8,7 +8,6 @@ with ratios measured in the same run. Usage: ``python bench/benchmark.py [--runs
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -20,12 +19,34 @@ HERE = Path(__file__).resolve().parent
 TIME = "/usr/bin/time"  # GNU time (Debian package "time")
 MODELS = {
     # ~0.95B Llama, bf16, vocab 32000 with no pad token: the embedding grows and <pad> is added.
-    "llama-1b": dict(model_type="llama", layers=16, hidden=2048, intermediate=5632, heads=16, vocab=32000),
+    "llama-1b": {
+        "model_type": "llama",
+        "layers": 16,
+        "hidden": 2048,
+        "intermediate": 5632,
+        "heads": 16,
+        "vocab": 32000,
+    },
     # the same family at ~2x the parameters, to show how time and memory scale.
-    "llama-2b": dict(model_type="llama", layers=34, hidden=2048, intermediate=5632, heads=16, vocab=32000),
+    "llama-2b": {
+        "model_type": "llama",
+        "layers": 34,
+        "hidden": 2048,
+        "intermediate": 5632,
+        "heads": 16,
+        "vocab": 32000,
+    },
     # ~0.75B OLMoE with 64 experts per layer, stored per expert on disk.
-    "olmoe-0.7b": dict(model_type="olmoe", layers=12, hidden=1024, intermediate=256, heads=16, vocab=50304,
-                       experts=64, pad="<|pad|>"),  # fmt: skip
+    "olmoe-0.7b": {
+        "model_type": "olmoe",
+        "layers": 12,
+        "hidden": 1024,
+        "intermediate": 256,
+        "heads": 16,
+        "vocab": 50304,
+        "experts": 64,
+        "pad": "<|pad|>",
+    },
 }
 
 NAIVE = r"""
@@ -63,10 +84,18 @@ def build(name: str, spec: dict, cache: Path) -> Path:
     tok.add_special_tokens(specials)
     extra = {"num_experts": spec["experts"], "num_experts_per_tok": 8} if "experts" in spec else {}
     config = AutoConfig.for_model(
-        spec["model_type"], hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["heads"],
-        vocab_size=spec["vocab"], bos_token_id=1, eos_token_id=2, pad_token_id=vocab.get(spec.get("pad")), **extra,
-    )  # fmt: skip
+        spec["model_type"],
+        hidden_size=spec["hidden"],
+        intermediate_size=spec["intermediate"],
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["heads"],
+        vocab_size=spec["vocab"],
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=vocab.get(spec.get("pad")),
+        **extra,
+    )
     torch.manual_seed(0)
     from transformers.utils import logging
 
@@ -89,7 +118,9 @@ def measure(command: list[str]) -> tuple[float, float]:
     """
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
-    proc = subprocess.run([TIME, "-f", "%M", *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [TIME, "-f", "%M", *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False
+    )
     subprocess.run(["sync"], check=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
@@ -134,12 +165,17 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 results[approach].append(measure(command(src)))
         shutil.rmtree(out, ignore_errors=True)
-        median = {a: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for a, r in results.items()}
+        median = {
+            a: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for a, r in results.items()
+        }
         cp_wall, ours = median["cp -r"][0], median["rmconvert convert"]
         for approach, (wall, rss) in median.items():
             versus = f"{wall / ours[0]:.1f}x, {rss / ours[1]:.1f}x" if approach == "naive transformers" else ""
-            print(f"| {name} | {size_of(src) / 2**30:.2f} GiB | {approach} | {wall:.2f} | {rss:.0f} |"
-                  f" {wall / cp_wall:.2f} | {versus} |", flush=True)  # fmt: skip
+            print(
+                f"| {name} | {size_of(src) / 2**30:.2f} GiB | {approach} | {wall:.2f} | {rss:.0f} |"
+                f" {wall / cp_wall:.2f} | {versus} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -17,16 +17,17 @@ class Generic(Architecture):
 
     @cached_property
     def model_types(self) -> tuple[str, ...]:
-        from transformers.models.auto import modeling_auto as auto
+        from rmconvert.modeling import decoder_only_model_types, native_class_name
 
-        decoder_only = set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-        return tuple(sorted(decoder_only & set(auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)))
+        return tuple(sorted(t for t in decoder_only_model_types() if native_class_name(t)))
 
     def embedding_name(self, ckpt):
         if self.embedding in ckpt.tensors:
             return self.embedding
         vocab = text_config(ckpt.config).get("vocab_size")
-        found = [n for n, t in ckpt.tensors.items() if len(t.shape) == 2 and t.shape[0] == vocab and not self.dropped(n)]
+        found = [
+            n for n, t in ckpt.tensors.items() if len(t.shape) == 2 and t.shape[0] == vocab and not self.dropped(n)
+        ]
         if len(found) != 1:
             raise CheckpointError(f"cannot tell the input embedding among {found} of [vocab_size, H]", ckpt.path)
         return found[0]

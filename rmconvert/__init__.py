@@ -2,13 +2,13 @@
 
 __version__ = "0.1.0"
 
-from . import schemas  # noqa: E402  (for plugins: schemas.path(name))
-from .architecture import Architecture  # noqa: E402
-from .engine import convert  # noqa: E402
-from .errors import CheckpointError, RMConvertError  # noqa: E402
-from .hookspecs import hookimpl  # noqa: E402
-from .loading import load_reward_model  # noqa: E402
-from .validation import validate  # noqa: E402
+from . import schemas
+from .architecture import Architecture
+from .engine import convert
+from .errors import CheckpointError, RMConvertError
+from .hookspecs import hookimpl
+from .loading import load_reward_model
+from .validation import validate
 
 __all__ = [
     "Architecture",

@@ -26,8 +26,8 @@ def read_json(path: Path, required: bool = True) -> dict | None:
         raise CheckpointError(f"cannot read: {getattr(exc, 'strerror', None) or exc}", path) from None
     try:
         data = json.loads(text)
-    except ValueError as exc:
-        raise CheckpointError(f"invalid JSON: {exc}", path) from None
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"invalid JSON: {str(exc) or 'nested too deeply'}", path) from None
     if not isinstance(data, dict):
         raise CheckpointError("not a JSON object", path)
     return data
@@ -89,11 +89,21 @@ def _shard_names(path: Path) -> tuple[list[str], dict | None]:
     return names, index
 
 
+def require_directory(path: Path) -> None:
+    """Raise CheckpointError unless ``path`` is a directory."""
+    try:
+        if path.is_dir():
+            return
+        problem = "not a checkpoint directory" if path.exists() else "no such directory"
+    except OSError as exc:  # e.g. a name too long for the filesystem
+        problem = exc.strerror or str(exc)
+    raise CheckpointError(problem, path)
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Read config.json and every safetensors header of a checkpoint; check the index is exact."""
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError("not a checkpoint directory" if path.exists() else "no such directory", path)
+    require_directory(path)
     config = read_config(path)
     names, index = _shard_names(path)
     shards = [read_header(path / name) for name in names]

@@ -55,24 +55,50 @@ def cli():
 @cli.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--arch", default="auto", show_default=True, help="Architecture plugin; auto reads config.json model_type.")
-@click.option("--head", type=click.Choice(["scalar", "bt"]), default="scalar", show_default=True,
-              help="scalar: 1 label (TRL, open-instruct). bt: 2 labels [zeros; w] (HALOs Bradley-Terry).")  # fmt: skip
-@click.option("--pad-token", default="auto", show_default=True, metavar="auto|eos|keep|TOKEN",
-              help="auto: a pad distinct from every eos (kept for an existing reward model). eos: pad = eos,"
-              " as HALOs does (moves where rewards are read). keep: leave as is. TOKEN: that token.")  # fmt: skip
+@click.option(
+    "--arch", default="auto", show_default=True, help="Architecture plugin; auto reads config.json model_type."
+)
+@click.option(
+    "--head",
+    type=click.Choice(["scalar", "bt"]),
+    default="scalar",
+    show_default=True,
+    help="scalar: 1 label (TRL, open-instruct). bt: 2 labels [zeros; w] (HALOs Bradley-Terry).",
+)
+@click.option(
+    "--pad-token",
+    default="auto",
+    show_default=True,
+    metavar="auto|eos|keep|TOKEN",
+    help="auto: a pad distinct from every eos (kept for an existing reward model). eos: pad = eos,"
+    " as HALOs does (moves where rewards are read). keep: leave as is. TOKEN: that token.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a new head's initialisation.")
 @click.option("--init-std", type=float, help="Std of a new head (default 1/sqrt(hidden_size + 1), as open-instruct).")
-@click.option("--from-bt", type=click.Choice(["row1", "difference"]), default="row1", show_default=True,
-              help="2-label source to scalar: row1 (HALOs trains only row 1) or row 1 - row 0 (softmax classifiers).")  # fmt: skip
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-              help="Cast float tensors (streamed in bounded chunks). Default: keep the source's dtypes.")  # fmt: skip
-@click.option("--max-shard-size", metavar="SIZE", help="Re-shard into files of at most SIZE (e.g. 5GB, 500MiB)."
-              " Default: keep the source's shard layout.")  # fmt: skip
-@click.option("--link", is_flag=True,
-              help="Reflink, or else hard-link, shards that need no change instead of copying them. A hard link"
-              " shares the source's inode: writing to either file changes both, and the file keeps the source's"
-              " permissions. Output bytes are the same as without --link.")  # fmt: skip
+@click.option(
+    "--from-bt",
+    type=click.Choice(["row1", "difference"]),
+    default="row1",
+    show_default=True,
+    help="2-label source to scalar: row1 (HALOs trains only row 1) or row 1 - row 0 (softmax classifiers).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    help="Cast float tensors (streamed in bounded chunks). Default: keep the source's dtypes.",
+)
+@click.option(
+    "--max-shard-size",
+    metavar="SIZE",
+    help="Re-shard into files of at most SIZE (e.g. 5GB, 500MiB). Default: keep the source's shard layout.",
+)
+@click.option(
+    "--link",
+    is_flag=True,
+    help="Reflink, or else hard-link, shards that need no change instead of copying them. A hard link"
+    " shares the source's inode: writing to either file changes both, and the file keeps the source's"
+    " permissions. Output bytes are the same as without --link.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty DST (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @reports_errors
@@ -104,7 +130,8 @@ def convert(src, dst, overwrite, link, as_json, **options):
 @reports_errors
 def validate(path, as_json):
     """Check that the reward-model checkpoint PATH is sound. Exit 0 valid, 1 invalid."""
-    from .validation import ERROR, validate as run
+    from .validation import ERROR
+    from .validation import validate as run
 
     findings = run(path)
     errors = [f for f in findings if f.severity == ERROR]
@@ -132,13 +159,22 @@ def plugins(as_json):
     for entry in registry.entries.values():
         arch = entry.architecture
         types = [t for t in arch.model_types if not (arch.fallback and t in claimed)]
-        rows.append({"architecture": arch.name, "plugin": entry.plugin, "distribution": entry.distribution,
-                     "version": entry.version, "model_types": types})  # fmt: skip
+        rows.append(
+            {
+                "architecture": arch.name,
+                "plugin": entry.plugin,
+                "distribution": entry.distribution,
+                "version": entry.version,
+                "model_types": types,
+            }
+        )
     if as_json:
         _echo_json(rows)
         return
     for row in rows:
-        types = ", ".join(row["model_types"]) if len(row["model_types"]) <= 4 else f"{len(row['model_types'])} model types"
+        types = (
+            ", ".join(row["model_types"]) if len(row["model_types"]) <= 4 else f"{len(row['model_types'])} model types"
+        )
         click.echo(f"{row['architecture']:10} {row['plugin']:28} {row['distribution']} {row['version']}  {types}")
 
 

@@ -50,9 +50,11 @@ def run(directory: Path | None, echo=print) -> bool:
                 reward, consistent = _score(dst)
                 ok &= not errors and consistent
                 pad, vocab = report["pad"], report["vocab"]
-                echo(f"{kind:8} {head:6} {report['class']:32} {pad['token'] + ' = ' + str(pad['id']) + ' (' + pad['action'] + ')':28}"
-                     f" {str(vocab['from']) + '->' + str(vocab['to']):10} {'yes' if not errors else 'NO':6}"
-                     f" {'same' if consistent else 'DIFFERS':8} {reward}")  # fmt: skip
+                echo(
+                    f"{kind:8} {head:6} {report['class']:32} {pad['token'] + ' = ' + str(pad['id']) + ' (' + pad['action'] + ')':28}"
+                    f" {str(vocab['from']) + '->' + str(vocab['to']):10} {'yes' if not errors else 'NO':6}"
+                    f" {'same' if consistent else 'DIFFERS':8} {reward}"
+                )
         if directory:
             echo(f"checkpoints kept in {root}")
     return ok

@@ -10,19 +10,20 @@ import json
 import math
 import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import INDEX, SINGLE, Checkpoint, open_checkpoint, read_json, text_config
+from .checkpoint import INDEX, SINGLE, Checkpoint, open_checkpoint, read_json, require_directory, text_config
 from .dtypes import FLOAT_DTYPES, TORCH_NAMES
 from .errors import CheckpointError, OutputError, UsageError
 from .head import default_init_std, mean_row, score_parts
 from .host import Registered, Registry, load_registry
 from .output import FILE_MODE, check_destination, staged, write_file
 from .pad import PadChoice, choose_pad
-from .safetensors_io import ByteRange, Copier, Header, OutTensor, layout
+from .safetensors_io import ByteRange, Copier, Header, OutTensor, Repeat, layout
 from .schema import schema_errors
 from .tokenizer_files import TokenizerFiles
 
@@ -170,6 +171,11 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     generation_config = read_json(ckpt.path / GENERATION_CONFIG, required=False)
     pad = choose_pad(options.pad_token, tok, ckpt.config, generation_config, arch.pad_tokens, existing is not None)
     tokens = len(tok) + pad.is_new
+    if tokens > 2 * vocab:
+        raise CheckpointError(
+            f"token ids reach {len(tok) - 1} but the embedding has {vocab} rows: is this the model's tokenizer?",
+            ckpt.path / "tokenizer.json",
+        )
     new_vocab = math.ceil(max(vocab, tokens) / 8) * 8
     labels = HEADS[options.head]
     emb = ckpt.tensors[embedding]
@@ -190,7 +196,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
                 continue
             tensor = OutTensor.copy_of(info)
             if info.name == embedding and new_vocab > vocab:
-                extra = mean_row(emb, emb.dtype) * (new_vocab - vocab)
+                extra = Repeat(mean_row(emb, emb.dtype), new_vocab - vocab)
                 tensor = OutTensor(info.name, emb.dtype, (new_vocab, hidden), (*tensor.parts, extra))
             kept.append(tensor.as_dtype(target) if target else tensor)
         grouped.append(kept)
@@ -226,19 +232,25 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     config = _output_config(ckpt, registered, labels, new_vocab, pad, options.dtype)
     problems = schema_errors(config, arch.schema)
     if problems:
-        raise CheckpointError(f"the converted config would not satisfy {arch.schema.name}: {problems[0]}", ckpt.config_path)
+        raise CheckpointError(
+            f"the converted config would not satisfy {arch.schema.name}: {problems[0]}", ckpt.config_path
+        )
     json_files = {"config.json": config}
     if pad.token is not None and options.pad_token != "keep":
-        originals = {"tokenizer.json": tok.tokenizer, "tokenizer_config.json": tok.tokenizer_config,
-                     "special_tokens_map.json": tok.special_tokens_map}  # fmt: skip
+        originals = {
+            "tokenizer.json": tok.tokenizer,
+            "tokenizer_config.json": tok.tokenizer_config,
+            "special_tokens_map.json": tok.special_tokens_map,
+        }
         json_files.update({n: f for n, f in tok.with_pad(pad.token).items() if f != originals[n]})
     if generation_config is not None and "pad_token_id" in generation_config and pad.id is not None:
         json_files[GENERATION_CONFIG] = {**generation_config, "pad_token_id": pad.id}
     skip = set(json_files) | {INDEX, MANIFEST}
     copies = sorted(
-        p.name for p in ckpt.path.iterdir()
+        p.name
+        for p in ckpt.path.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.name not in skip and not p.name.endswith(SKIPPED_SUFFIXES)
-    )  # fmt: skip
+    )
 
     report = {
         "source": str(ckpt.path),
@@ -262,9 +274,16 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     return Plan(ckpt, registered, json_files, shards, index, copies, report)
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, stop: threading.Event) -> str | None:
+    """``sha256:<hex>`` of a file (its Hugging Face LFS oid), or None once ``stop`` is set."""
+    digest, buffer = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(buffer)
     with open(path, "rb") as f:
-        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+        while n := f.readinto(buffer):
+            if stop.is_set():
+                return None
+            digest.update(view[:n])
+    return "sha256:" + digest.hexdigest()
 
 
 def _dump(obj: dict) -> bytes:
@@ -295,8 +314,12 @@ def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
     entry = plan.registered
     return {
         "rmconvert": __version__,
-        "architecture": {"name": entry.architecture.name, "plugin": entry.plugin,
-                         "distribution": entry.distribution, "version": entry.version},  # fmt: skip
+        "architecture": {
+            "name": entry.architecture.name,
+            "plugin": entry.plugin,
+            "distribution": entry.distribution,
+            "version": entry.version,
+        },
         "options": asdict(options),
         "source_files": hashes,
         "result": {k: plan.report[k] for k in ("class", "source_kind", "head", "pad", "vocab", "dtype", "dropped")},
@@ -309,43 +332,55 @@ def write_plan(plan: Plan, out: Path, options: Options, link: bool = False, prog
     read = [s.path.name for s in ckpt.shards] + plan.copies + [n for n in plan.json_files if (ckpt.path / n).exists()]
     read += [INDEX] if ckpt.index is not None else []
     methods = {"copied": 0, "assembled": 0, "reflink": 0, "hardlink": 0}
-    copier = Copier()
+    stop = threading.Event()
     with ThreadPoolExecutor(max_workers=1) as pool:  # hash the sources on the second core while copying
-        hashes = {name: pool.submit(_sha256, ckpt.path / name) for name in sorted(set(read))}
+        hashes = {name: pool.submit(_sha256, ckpt.path / name, stop) for name in sorted(set(read))}
         try:
-            for i, (name, shard) in enumerate(plan.shards.items(), 1):
-                if progress:
-                    progress(f"[{i}/{len(plan.shards)}] {name}")
-                method = _link(shard.path, out / name) if link and isinstance(shard, Header) else None
-                if method:
-                    methods[method] += 1
-                    continue
-                fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-                try:
-                    if isinstance(shard, Header):
-                        copier.write_parts(fd, [ByteRange(shard.path, 0, shard.size)])
-                        methods["copied"] += 1
-                    else:
-                        metadata = _metadata(ckpt, shard)
-                        header, ordered = layout(shard, metadata)
-                        copier.write_parts(fd, [header] + [p for t in ordered for p in t.parts])
-                        methods["assembled"] += 1
-                finally:
-                    os.close(fd)
-            for name in plan.copies:
-                fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-                try:
-                    copier.write_parts(fd, [ByteRange(ckpt.path / name, 0, (ckpt.path / name).stat().st_size)])
-                finally:
-                    os.close(fd)
-        finally:
-            copier.close()
-        for name, obj in plan.json_files.items():
-            write_file(out / name, _dump(dict(sorted(obj.items())) if name == "config.json" else obj))
-        if plan.index is not None:
-            write_file(out / INDEX, _dump(plan.index))
-        write_file(out / MANIFEST, _dump(_manifest(plan, options, {n: f.result() for n, f in hashes.items()})))
+            _write_files(plan, out, link, progress, methods)
+            digests = {name: future.result() for name, future in hashes.items()}
+        except BaseException:  # an error, Ctrl-C or SIGTERM: stop hashing now, not after the last shard
+            stop.set()
+            pool.shutdown(cancel_futures=True)
+            raise
+    write_file(out / MANIFEST, _dump(_manifest(plan, options, digests)))
     return methods
+
+
+def _write_files(plan: Plan, out: Path, link: bool, progress, methods: dict[str, int]) -> None:
+    """Write shards, copied files, JSON files and the index (everything but the manifest)."""
+    ckpt = plan.checkpoint
+    copier = Copier()
+    try:
+        for i, (name, shard) in enumerate(plan.shards.items(), 1):
+            if progress:
+                progress(f"[{i}/{len(plan.shards)}] {name}")
+            method = _link(shard.path, out / name) if link and isinstance(shard, Header) else None
+            if method:
+                methods[method] += 1
+                continue
+            fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            try:
+                if isinstance(shard, Header):
+                    copier.write_parts(fd, [ByteRange(shard.path, 0, shard.size)])
+                    methods["copied"] += 1
+                else:
+                    header, ordered = layout(shard, _metadata(ckpt, shard))
+                    copier.write_parts(fd, [header] + [p for t in ordered for p in t.parts])
+                    methods["assembled"] += 1
+            finally:
+                os.close(fd)
+        for name in plan.copies:
+            fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            try:
+                copier.write_parts(fd, [ByteRange(ckpt.path / name, 0, (ckpt.path / name).stat().st_size)])
+            finally:
+                os.close(fd)
+    finally:
+        copier.close()
+    for name, obj in plan.json_files.items():
+        write_file(out / name, _dump(dict(sorted(obj.items())) if name == "config.json" else obj))
+    if plan.index is not None:
+        write_file(out / INDEX, _dump(plan.index))
 
 
 def _metadata(ckpt: Checkpoint, tensors: list[OutTensor]) -> dict[str, str]:
@@ -373,8 +408,7 @@ def convert(
     opts = Options(**options)
     opts.check()
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise CheckpointError("not a checkpoint directory" if src.exists() else "no such directory", src)
+    require_directory(src)
     check_destination(src, dst, overwrite)
     registry = registry or load_registry()
     ckpt = open_checkpoint(src)

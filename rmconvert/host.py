@@ -54,7 +54,7 @@ class Registry:
             if shared:
                 raise PluginError(
                     f"plugins {entry.plugin!r} ({entry.architecture.name}) and {plugin!r} ({architecture.name})"
-                    f" both claim model_type {sorted(shared)[0]!r}"
+                    f" both claim model_type {min(shared)!r}"
                 )
         self.entries[architecture.name] = Registered(architecture, plugin, distribution, version)
 
@@ -110,20 +110,28 @@ def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
             try:
                 plugin = ep.load()
             except Exception as exc:  # a broken plugin must name itself, whatever it raised
-                raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}") from exc
+                raise PluginError(
+                    f"plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}"
+                ) from exc
             if pm.has_plugin(ep.name) or pm.is_registered(plugin):
                 raise PluginError(f"plugin {ep.name!r} ({ep.value}) is registered twice")
             pm.register(plugin, name=ep.name)
+    check_pending(pm)
+    return pm
+
+
+def check_pending(pm: pluggy.PluginManager) -> None:
+    """Fail, naming the plugin, if any hook implementation matches no hookspec (a typo in a hook name)."""
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"plugin {pm.get_name(exc.plugin)!r}: {exc}") from exc
-    return pm
 
 
 def load_registry(pm: pluggy.PluginManager | None = None) -> Registry:
     """Call every plugin's ``rmconvert_register_architectures`` with a register bound to that plugin."""
     pm = pm or get_plugin_manager()
+    check_pending(pm)  # plugins registered in-process after get_plugin_manager() are checked too
     distributions = metadata.packages_distributions()
     registry = Registry()
     for impl in pm.hook.rmconvert_register_architectures.get_hookimpls():

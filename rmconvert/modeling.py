@@ -16,8 +16,11 @@ def _mappings():
 
 
 def decoder_only_model_types() -> set[str]:
-    """model_types that have a causal-LM class in the installed transformers."""
-    return set(_mappings().MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    """model_types with a causal-LM class and no masked-LM or encoder-decoder class (bert and bart have a
+    ``*ForCausalLM`` too, but their sequence classifiers are not a ``score`` head on the last token)."""
+    auto = _mappings()
+    others = set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+    return set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - others
 
 
 def native_class_name(model_type: str) -> str | None:

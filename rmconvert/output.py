@@ -18,7 +18,13 @@ DIR_MODE = 0o755
 
 def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     """Refuse destinations that would write into, over or around the source, or lose data."""
-    src, dst = src.resolve(), dst.resolve()
+    try:
+        _check_destination(src.resolve(), dst.resolve(), overwrite)
+    except OSError as exc:  # e.g. a name too long for the filesystem
+        raise OutputError(exc.strerror or str(exc), dst) from None
+
+
+def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     if dst == src:
         raise OutputError("destination is the source checkpoint; the source is never written", dst)
     if dst.is_relative_to(src):
@@ -58,7 +64,11 @@ def _move_into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
         return
     except OSError as exc:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not overwrite:
-            reason = "appeared and is not empty (another run?)" if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) else exc.strerror
+            reason = (
+                "appeared and is not empty (another run?)"
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST)
+                else exc.strerror
+            )
             raise OutputError(f"cannot move the result into place: {reason}", dst) from None
     old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".rmconvert-old", dir=dst.parent))
     os.rename(dst, old / "replaced")

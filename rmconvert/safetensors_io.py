@@ -20,10 +20,27 @@ MAX_HEADER = 100_000_000  # the reference reader's limit
 CAST_CHUNK = 16 << 20  # bytes read at a time when casting
 #: Bits per element of every safetensors dtype.
 DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64,
-    "F64": 64, "I64": 64, "U64": 64,
-}  # fmt: skip
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+}
 
 
 @dataclass(frozen=True)
@@ -74,7 +91,7 @@ def _entry(name: str, raw, path: Path, data_start: int) -> TensorInfo:
     dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
     if dtype not in DTYPE_BITS:
         raise CheckpointError(f"tensor {name!r}: unknown dtype {dtype!r}", path)
-    ints = lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)  # noqa: E731
+    ints = lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)
     if not ints(shape):
         raise CheckpointError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers", path)
     if not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
@@ -110,14 +127,12 @@ def read_header(path: str | Path) -> Header:
         raise CheckpointError(f"cannot read: {exc.strerror or exc}", path) from None
     try:
         raw = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"header is not valid JSON: {exc}", path) from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"header is not valid JSON: {str(exc) or 'nested too deeply'}", path) from None
     if not isinstance(raw, dict):
         raise CheckpointError("header is not a JSON object", path)
     metadata = raw.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise CheckpointError("__metadata__ must map strings to strings", path)
     data_start = 8 + length
     tensors = {name: _entry(name, entry, path, data_start) for name, entry in raw.items()}
@@ -158,7 +173,19 @@ class Cast:
         return self.source.length // DTYPE_BITS[self.from_dtype] * DTYPE_BITS[self.to_dtype]
 
 
-Part = ByteRange | Cast | bytes
+@dataclass(frozen=True)
+class Repeat:
+    """``row`` written ``count`` times, in bounded chunks (new embedding rows)."""
+
+    row: bytes
+    count: int
+
+    @property
+    def length(self) -> int:
+        return len(self.row) * self.count
+
+
+Part = ByteRange | Cast | Repeat | bytes
 
 
 @dataclass(frozen=True)
@@ -180,8 +207,15 @@ class OutTensor:
 
         if self.dtype == dtype or self.dtype not in FLOAT_DTYPES:
             return self
-        parts = tuple(cast(p, self.dtype, dtype) if isinstance(p, bytes) else Cast(p, self.dtype, dtype) for p in self.parts)
-        return OutTensor(self.name, dtype, self.shape, parts)
+
+        def cast_part(part: Part) -> Part:
+            if isinstance(part, bytes):
+                return cast(part, self.dtype, dtype)
+            if isinstance(part, Repeat):
+                return Repeat(cast(part.row, self.dtype, dtype), part.count)
+            return Cast(part, self.dtype, dtype)
+
+        return OutTensor(self.name, dtype, self.shape, tuple(cast_part(p) for p in self.parts))
 
     @classmethod
     def copy_of(cls, info: TensorInfo) -> OutTensor:
@@ -261,8 +295,11 @@ class Copier:
         """Append parts (ByteRange or bytes) to ``dst_fd`` in order."""
         pending: ByteRange | None = None
         for part in list(parts) + [None]:
-            if isinstance(part, ByteRange) and pending and pending.path == part.path and (
-                pending.offset + pending.length == part.offset
+            if (
+                isinstance(part, ByteRange)
+                and pending
+                and pending.path == part.path
+                and (pending.offset + pending.length == part.offset)
             ):
                 pending = ByteRange(part.path, pending.offset, pending.length + part.length)
                 continue
@@ -274,6 +311,11 @@ class Copier:
                 pending = part
             elif isinstance(part, Cast):
                 self._write_cast(dst_fd, part)
+            elif isinstance(part, Repeat):
+                per_chunk = max(1, CAST_CHUNK // max(len(part.row), 1))
+                for start in range(0, part.count, per_chunk):
+                    write_all(dst_fd, part.row * min(per_chunk, part.count - start))
+                self.bytes_written += part.length
             elif part is not None:
                 write_all(dst_fd, part)
                 self.bytes_written += len(part)

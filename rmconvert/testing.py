@@ -6,10 +6,45 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-WORDS = (
-    "the a reward model policy chosen rejected answer question good bad helpful harmless honest yes no"
-    " token pad end of text user assistant system hello world is are was were be to in on at for with"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "reward",
+    "model",
+    "policy",
+    "chosen",
+    "rejected",
+    "answer",
+    "question",
+    "good",
+    "bad",
+    "helpful",
+    "harmless",
+    "honest",
+    "yes",
+    "no",
+    "token",
+    "pad",
+    "end",
+    "of",
+    "text",
+    "user",
+    "assistant",
+    "system",
+    "hello",
+    "world",
+    "is",
+    "are",
+    "was",
+    "were",
+    "be",
+    "to",
+    "in",
+    "on",
+    "at",
+    "for",
+    "with",
+]
 
 
 @dataclass(frozen=True)
@@ -28,25 +63,60 @@ class Recipe:
     config: dict = field(default_factory=dict)
 
 
-COMMON = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "max_position_embeddings": 128}  # fmt: skip
+COMMON = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
 
 RECIPES = {
     # Llama 3.1: no pad, eos list in config, unused <|finetune_right_pad_id|> in the vocabulary.
-    "llama3": Recipe("llama", ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"),
-                     296, 296, eos="<|eot_id|>", bos="<|begin_of_text|>",
-                     config_eos=("<|end_of_text|>", "<|eot_id|>"), config=COMMON),  # fmt: skip
+    "llama3": Recipe(
+        "llama",
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"),
+        296,
+        296,
+        eos="<|eot_id|>",
+        bos="<|begin_of_text|>",
+        config_eos=("<|end_of_text|>", "<|eot_id|>"),
+        config=COMMON,
+    ),
     # Llama 2 / Tulu: no pad, vocabulary not a multiple of 8.
     "llama2": Recipe("llama", ("<unk>", "<s>", "</s>"), 293, 293, eos="</s>", bos="<s>", unk="<unk>", config=COMMON),
     # OLMo 2: <|pad|> set, vocabulary already padded past the tokenizer (must not shrink).
-    "olmo2": Recipe("olmo2", ("<|endoftext|>", "<|pad|>"), 300, 352, eos="<|endoftext|>", bos="<|endoftext|>",
-                    pad="<|pad|>", config=COMMON),  # fmt: skip
+    "olmo2": Recipe(
+        "olmo2",
+        ("<|endoftext|>", "<|pad|>"),
+        300,
+        352,
+        eos="<|endoftext|>",
+        bos="<|endoftext|>",
+        pad="<|pad|>",
+        config=COMMON,
+    ),
     # OLMoE: <|pad|> = 1, many experts stored per expert.
-    "olmoe": Recipe("olmoe", ("<|endoftext|>", "<|pad|>"), 290, 304, eos="<|endoftext|>", pad="<|pad|>",
-                    config={**COMMON, "num_key_value_heads": 4, "num_experts": 8, "num_experts_per_tok": 2}),  # fmt: skip
+    "olmoe": Recipe(
+        "olmoe",
+        ("<|endoftext|>", "<|pad|>"),
+        290,
+        304,
+        eos="<|endoftext|>",
+        pad="<|pad|>",
+        config={**COMMON, "num_key_value_heads": 4, "num_experts": 8, "num_experts_per_tok": 2},
+    ),
     # Qwen 2.5 base: tied embeddings, pad == eos, spare embedding rows past the tokenizer.
-    "qwen2": Recipe("qwen2", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), 299, 304, eos="<|endoftext|>",
-                    pad="<|endoftext|>", config={**COMMON, "tie_word_embeddings": True}),  # fmt: skip
+    "qwen2": Recipe(
+        "qwen2",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        299,
+        304,
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        config={**COMMON, "tie_word_embeddings": True},
+    ),
 }
 
 
@@ -94,8 +164,14 @@ def build_checkpoint(
     tokenizer = build_tokenizer(recipe)
     ids = tokenizer.get_vocab()
     eos = [ids[t] for t in recipe.config_eos] if recipe.config_eos else ids[recipe.eos]
-    settings = {**recipe.config, "vocab_size": recipe.vocab_size, "eos_token_id": eos,
-                "bos_token_id": ids.get(recipe.bos), "pad_token_id": ids.get(recipe.pad), **config}  # fmt: skip
+    settings = {
+        **recipe.config,
+        "vocab_size": recipe.vocab_size,
+        "eos_token_id": eos,
+        "bos_token_id": ids.get(recipe.bos),
+        "pad_token_id": ids.get(recipe.pad),
+        **config,
+    }
     if labels:
         settings["id2label"] = {i: f"LABEL_{i}" for i in range(labels)}
     model_config = AutoConfig.for_model(recipe.model_type, **settings)
@@ -106,7 +182,9 @@ def build_checkpoint(
         model = register_sequence_classification_class(recipe.model_type, name)(model_config)
     else:
         model = AutoModelForCausalLM.from_config(model_config)
-    model.to(getattr(torch, dtype)).save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    model.to(getattr(torch, dtype)).save_pretrained(
+        path, **({"max_shard_size": max_shard_size} if max_shard_size else {})
+    )
     tokenizer.save_pretrained(path)
     return path
 

@@ -54,8 +54,10 @@ class TokenizerFiles:
         else:
             raise CheckpointError("model.vocab is neither a mapping nor a list", tok_path)
         for entry in added:
-            if not isinstance(entry, dict) or type(entry.get("id")) is not int or not isinstance(
-                entry.get("content"), str
+            if (
+                not isinstance(entry, dict)
+                or type(entry.get("id")) is not int
+                or not isinstance(entry.get("content"), str)
             ):
                 raise CheckpointError(f"malformed added_tokens entry {entry!r}", tok_path)
             ids[entry["content"]] = entry["id"]
@@ -92,8 +94,15 @@ class TokenizerFiles:
         token_id = self.ids.get(token)
         if token_id is None:
             token_id = len(self)
-            entry = {"id": token_id, "content": token, "single_word": False, "lstrip": False,
-                     "rstrip": False, "normalized": False, "special": True}  # fmt: skip
+            entry = {
+                "id": token_id,
+                "content": token,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
             tokenizer["added_tokens"].append(entry)
             if isinstance(tokenizer_config.get("added_tokens_decoder"), dict):
                 decoder_entry = {k: v for k, v in entry.items() if k != "id"}

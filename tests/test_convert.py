@@ -16,17 +16,16 @@ from rmconvert import convert, load_reward_model, validate
 from rmconvert.checkpoint import open_checkpoint
 from rmconvert.testing import snapshot
 
-
 TEXTS = ["the answer is good", "hello world the reward model is helpful and honest yes", "no"]
 SOURCES = {
-    "llama3": dict(kind="llama3"),
-    "llama2": dict(kind="llama2"),
-    "olmo2": dict(kind="olmo2"),
-    "olmoe": dict(kind="olmoe"),
-    "qwen2-tied": dict(kind="qwen2"),
-    "llama2-sharded": dict(kind="llama2", max_shard_size="100KB"),
-    "rm-1-label": dict(kind="olmo2", labels=1),
-    "rm-2-label": dict(kind="llama3", labels=2),
+    "llama3": {"kind": "llama3"},
+    "llama2": {"kind": "llama2"},
+    "olmo2": {"kind": "olmo2"},
+    "olmoe": {"kind": "olmoe"},
+    "qwen2-tied": {"kind": "qwen2"},
+    "llama2-sharded": {"kind": "llama2", "max_shard_size": "100KB"},
+    "rm-1-label": {"kind": "olmo2", "labels": 1},
+    "rm-2-label": {"kind": "llama3", "labels": 2},
 }
 
 
@@ -40,7 +39,7 @@ def tensors(path):
     out = {}
     for shard in open_checkpoint(path).shards:
         with safe_open(shard.path, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 (a safe_open handle, not a dict)
     return out
 
 
@@ -74,7 +73,7 @@ def converted(build, tmp_path_factory):
 @pytest.mark.parametrize("head", ["scalar", "bt"])
 @pytest.mark.parametrize("name", list(SOURCES))
 def test_output_loads_cleanly_validates_and_scores_batches_like_single_rows(converted, name, head):
-    src, dst, report = converted(name, head=head)
+    _, dst, report = converted(name, head=head)
     model, info = load(dst)
     assert {k: v for k, v in info.items() if v} == {}
     assert model.config.num_labels == report["head"]["labels"] == {"scalar": 1, "bt": 2}[head]
@@ -182,7 +181,7 @@ def test_one_label_rm_to_bt_is_zeros_then_w_and_same_form_is_unchanged(converted
     ],
 )
 def test_pad_and_vocabulary_rules(converted, name, pad, action, vocab):
-    src, dst, report = converted(name)
+    _, dst, report = converted(name)
     config = json.loads((dst / "config.json").read_text())
     tok = AutoTokenizer.from_pretrained(dst)
     eos = config["eos_token_id"] if isinstance(config["eos_token_id"], list) else [config["eos_token_id"]]

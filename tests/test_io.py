@@ -87,14 +87,19 @@ def test_max_shard_size_reshards_exactly(build, tmp_path):
     for shard in shards:
         assert sum(t.nbytes for t in shard.tensors.values()) <= 150_000 or len(shard.tensors) == 1
     before, after = all_tensors(src), all_tensors(tmp_path / "rm")
-    assert all(torch.equal(after[k], v) for k, v in before.items() if k not in ("lm_head.weight", "model.embed_tokens.weight"))
+    assert all(
+        torch.equal(after[k], v) for k, v in before.items() if k not in ("lm_head.weight", "model.embed_tokens.weight")
+    )
     assert validate(tmp_path / "rm") == []
 
 
 def test_max_shard_size_can_merge_into_a_single_file(build, tmp_path):
     convert(build("llama2", max_shard_size="100KB"), tmp_path / "rm", max_shard_size="1GB")
-    assert sorted(p.name for p in (tmp_path / "rm").glob("model*")) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
-    model, info = load_reward_model(tmp_path / "rm", output_loading_info=True)
+    assert sorted(p.name for p in (tmp_path / "rm").glob("model*")) == [
+        "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json",
+    ]
+    _, info = load_reward_model(tmp_path / "rm", output_loading_info=True)
     assert not any(info.values())
 
 
