@@ -13,7 +13,7 @@ DEMO_KINDS = ("llama3", "llama2", "olmo2", "olmoe", "qwen2")
 
 
 def _score(path: Path) -> tuple[str, bool]:
-    """Load with transformers; (reward of a padded batch's first row, batched == unbatched)."""
+    """Load with transformers; (reward of a padded batch's first row, padded batch == one by one)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -39,7 +39,8 @@ def run(directory: Path | None, echo=print) -> bool:
     with tempfile.TemporaryDirectory(prefix="rmconvert-demo-") as tmp:
         root = Path(directory) if directory else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        echo(f"{'policy':8} {'head':6} {'class':32} {'pad':28} {'vocab':10} {'valid':6} {'batch=1':8} reward")
+        row = "{:8} {:6} {:32} {:40} {:10} {:6} {:8} {}"
+        echo(row.format("policy", "head", "class", "pad", "vocab", "valid", "batches", "reward"))
         ok = True
         for kind in DEMO_KINDS:
             src = build_checkpoint(kind, root / f"{kind}-policy")
@@ -51,9 +52,16 @@ def run(directory: Path | None, echo=print) -> bool:
                 ok &= not errors and consistent
                 pad, vocab = report["pad"], report["vocab"]
                 echo(
-                    f"{kind:8} {head:6} {report['class']:32} {pad['token'] + ' = ' + str(pad['id']) + ' (' + pad['action'] + ')':28}"
-                    f" {str(vocab['from']) + '->' + str(vocab['to']):10} {'yes' if not errors else 'NO':6}"
-                    f" {'same' if consistent else 'DIFFERS':8} {reward}"
+                    row.format(
+                        kind,
+                        head,
+                        report["class"],
+                        f"{pad['token']} = {pad['id']} ({pad['action']})",
+                        f"{vocab['from']}->{vocab['to']}",
+                        "yes" if not errors else "NO",
+                        "same" if consistent else "DIFFER",
+                        reward,
+                    )
                 )
         if directory:
             echo(f"checkpoints kept in {root}")
