@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,10 +101,27 @@ def require_directory(path: Path) -> None:
     raise CheckpointError(problem, path)
 
 
+def check_links(path: Path) -> None:
+    """Refuse symlinks that leave the checkpoint, except a Hugging Face cache snapshot's links to its blobs."""
+    root = path.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":  # <cache>/models--org--name/snapshots/<revision> -> ../../blobs/<sha>
+        allowed.append(root.parent.parent / "blobs")
+    for entry in path.iterdir():
+        if not entry.is_symlink():
+            continue
+        target = entry.resolve()
+        if not target.exists():
+            raise CheckpointError(f"broken symlink to {os.readlink(entry)}", entry)
+        if not any(target.is_relative_to(a) for a in allowed):
+            raise CheckpointError(f"symlink to {target}, outside the checkpoint", entry)
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Read config.json and every safetensors header of a checkpoint; check the index is exact."""
     path = Path(path)
     require_directory(path)
+    check_links(path)
     config = read_config(path)
     names, index = _shard_names(path)
     shards = [read_header(path / name) for name in names]

@@ -126,22 +126,45 @@ def convert(src, dst, overwrite, link, as_json, **options):
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON on stdout.")
+@click.option("--load", is_flag=True, help="Also load it with transformers and score padded probe batches.")
+@click.option(
+    "--against",
+    type=click.Path(path_type=Path),
+    metavar="SRC",
+    help="Compare with the checkpoint it was converted from: backbone bytes (and with --load, hidden states"
+    " and rewards).",
+)
+@click.option("--strict", is_flag=True, help="Warnings count as errors.")
+@click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @reports_errors
-def validate(path, as_json):
-    """Check that the reward-model checkpoint PATH is sound. Exit 0 valid, 1 invalid."""
+def validate(path, load, against, strict, as_json):
+    """Check that the reward-model checkpoint PATH is sound: exit 0 when no errors (no warnings either
+    under --strict), 1 otherwise."""
     from .validation import ERROR
     from .validation import validate as run
 
-    findings = run(path)
-    errors = [f for f in findings if f.severity == ERROR]
+    findings = run(path, load=load, against=against)
+    errors = [f for f in findings if f.severity == ERROR or strict]
+    warnings = [f for f in findings if f not in errors]
     if as_json:
-        _echo_json({"path": str(path), "valid": not errors, "findings": [f.as_dict() for f in findings]})
+        document = {
+            "path": str(path),
+            "valid": not errors,
+            "strict": strict,
+            "errors": len(errors),
+            "warnings": len(warnings),
+            "findings": [f.as_dict() for f in findings],
+        }
+        _echo_json(document)
     else:
+        if findings:
+            click.echo(f"{'CODE':6} {'SEVERITY':8} {'FILE':32} {'WHERE':28} MESSAGE")
         for f in findings:
-            where = f"{f.file}{' ' + f.where if f.where else ''}"
-            click.echo(f"{f.code} {f.severity:7} {where}: {f.message}", err=True)
-        click.echo(f"{path}: {'valid' if not errors else f'invalid ({len(errors)} errors)'}", err=True)
+            click.echo(f"{f.code:6} {f.severity:8} {f.file:32} {f.where:28} {f.message}")
+            if f.hint:
+                click.echo(f"{'':6} {'fix:':8} {f.hint}")
+        verdict = "valid" if not errors else "invalid"
+        click.echo(f"{path}: {verdict} ({len(errors)} errors, {len(warnings)} warnings)")
     if errors:
         sys.exit(ExitCode.ERROR)
 

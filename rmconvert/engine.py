@@ -287,7 +287,11 @@ def _sha256(path: Path, stop: threading.Event) -> str | None:
 
 
 def _dump(obj: dict) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+    """Pretty JSON in UTF-8; escaped ASCII when the data holds lone surrogates (valid JSON, not UTF-8)."""
+    try:
+        return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+    except UnicodeEncodeError:
+        return (json.dumps(obj, indent=2) + "\n").encode()
 
 
 def _link(source: Path, target: Path) -> str | None:

@@ -17,3 +17,13 @@ def rmconvert_register_architectures(register) -> None:
         :class:`rmconvert.Architecture` instance the plugin provides. Registering a name or a
         ``model_type`` that another plugin already registered is an error naming both plugins.
     """
+
+
+@hookspec
+def rmconvert_register_checks(register) -> None:
+    """Contribute checks to ``rmconvert validate``.
+
+    :param register: call ``register(check)`` with a function ``check(subject)`` that takes a
+        :class:`rmconvert.validation.Subject` and yields :class:`rmconvert.validation.Finding` objects.
+        Give the findings the plugin's own code prefix; ``RM`` codes belong to rmconvert.
+    """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -39,6 +40,8 @@ class Registry:
     """All registered architectures; resolves a checkpoint's ``model_type`` to one of them."""
 
     entries: dict[str, Registered] = field(default_factory=dict)
+    #: (plugin name, check function) contributed through ``rmconvert_register_checks``.
+    checks: list[tuple[str, Callable]] = field(default_factory=list)
 
     def add(self, architecture: Architecture, plugin: str, distribution: str, version: str) -> None:
         """Add one architecture; a second claim on a name or model_type fails naming both plugins."""
@@ -129,21 +132,24 @@ def check_pending(pm: pluggy.PluginManager) -> None:
 
 
 def load_registry(pm: pluggy.PluginManager | None = None) -> Registry:
-    """Call every plugin's ``rmconvert_register_architectures`` with a register bound to that plugin."""
+    """Call every plugin's hooks with a ``register`` bound to that plugin; collect what they register."""
     pm = pm or get_plugin_manager()
     check_pending(pm)  # plugins registered in-process after get_plugin_manager() are checked too
     distributions = metadata.packages_distributions()
     registry = Registry()
     for impl in pm.hook.rmconvert_register_architectures.get_hookimpls():
         dist, version = _origin(impl.plugin, distributions)
-
-        def register(architecture, _plugin=impl.plugin_name, _dist=dist, _version=version):
-            registry.add(architecture, _plugin, _dist, _version)
-
-        try:
-            impl.function(register=register)
-        except PluginError:
-            raise
-        except Exception as exc:
-            raise PluginError(f"plugin {impl.plugin_name!r} failed to register: {type(exc).__name__}: {exc}") from exc
+        _call(impl, lambda architecture, i=impl, d=dist, v=version: registry.add(architecture, i.plugin_name, d, v))
+    for impl in pm.hook.rmconvert_register_checks.get_hookimpls():
+        _call(impl, lambda check, i=impl: registry.checks.append((i.plugin_name, check)))
     return registry
+
+
+def _call(impl, register: Callable) -> None:
+    """Run one plugin's hook implementation; anything it raises becomes a PluginError naming it."""
+    try:
+        impl.function(register=register)
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"plugin {impl.plugin_name!r} failed to register: {type(exc).__name__}: {exc}") from exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .checkpoint import text_config
+from .errors import CheckpointError
 from .tokenizer_files import TokenizerFiles
 
 NEW_PAD = "<pad>"
@@ -86,9 +87,18 @@ def choose_pad(
         for token in preferred:
             if token in tok.ids and tok.ids[token] not in taken:
                 return PadChoice(token, tok.ids[token], "reused")
-        token = NEW_PAD if NEW_PAD not in tok.ids else "<|rmconvert_pad|>"
-        return PadChoice(token, len(tok), "added")
+        return _added(NEW_PAD if NEW_PAD not in tok.ids else "<|rmconvert_pad|>", tok, eos)
     if mode in tok.ids:
         warnings = (EOS_WARNING,) if tok.ids[mode] in eos else ()
         return PadChoice(mode, tok.ids[mode], "given", warnings)
-    return PadChoice(mode, len(tok), "added")
+    return _added(mode, tok, eos)
+
+
+def _added(token: str, tok: TokenizerFiles, eos: set[int]) -> PadChoice:
+    """A new token at the next free id, which no eos id may claim (a config naming an id the tokenizer lacks)."""
+    if len(tok) in eos:
+        raise CheckpointError(
+            f"an eos_token_id is {len(tok)}, past the tokenizer's last id {len(tok) - 1}: the new pad would be an eos",
+            tok.path / "config.json",
+        )
+    return PadChoice(token, len(tok), "added")

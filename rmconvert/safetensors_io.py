@@ -74,8 +74,19 @@ def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     """Bytes of a tensor; raises ValueError for sizes that are not whole bytes."""
     bits = DTYPE_BITS[dtype] * math.prod(shape)
     if bits % 8:
-        raise ValueError(f"{math.prod(shape)} elements of {dtype} are not a whole number of bytes")
+        raise ValueError(f"{_count(math.prod(shape))} elements of {dtype} are not a whole number of bytes")
     return bits // 8
+
+
+def _short(value) -> str:
+    """A JSON value for a message, cut to 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _count(n: int) -> str:
+    """A number for a message (a hostile header can claim sizes too long to print)."""
+    return str(n) if n < 10**30 else "more than 10^30"
 
 
 def _no_duplicates(pairs):
@@ -89,20 +100,21 @@ def _entry(name: str, raw, path: Path, data_start: int) -> TensorInfo:
     if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets", path)
     dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise CheckpointError(f"tensor {name!r}: unknown dtype {dtype!r}", path)
     ints = lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)
     if not ints(shape):
-        raise CheckpointError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers", path)
+        raise CheckpointError(f"tensor {name!r}: shape {_short(shape)} is not a list of non-negative integers", path)
     if not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
-        raise CheckpointError(f"tensor {name!r}: data_offsets {offsets!r} is not [begin, end]", path)
+        raise CheckpointError(f"tensor {name!r}: data_offsets {_short(offsets)} is not [begin, end]", path)
     try:
         nbytes = tensor_nbytes(dtype, tuple(shape))
     except ValueError as exc:
         raise CheckpointError(f"tensor {name!r}: {exc}", path) from None
     if offsets[1] - offsets[0] != nbytes:
         raise CheckpointError(
-            f"tensor {name!r}: data_offsets span {offsets[1] - offsets[0]} bytes but {dtype}{shape} needs {nbytes}",
+            f"tensor {name!r}: data_offsets span {_count(offsets[1] - offsets[0])} bytes"
+            f" but {dtype}{_short(shape)} needs {_count(nbytes)}",
             path,
         )
     return TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], nbytes)
@@ -138,10 +150,10 @@ def read_header(path: str | Path) -> Header:
     tensors = {name: _entry(name, entry, path, data_start) for name, entry in raw.items()}
     expected = data_start
     for info in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes)):
-        if info.offset != expected and info.nbytes:
+        if info.offset != expected:  # as the reference reader: even an empty tensor sits where the data is
             kind = "overlaps the previous tensor" if info.offset < expected else "leaves a hole before it"
             raise CheckpointError(f"tensor {info.name!r} {kind} (data_offsets start {info.offset - data_start})", path)
-        expected = max(expected, info.offset + info.nbytes)
+        expected = info.offset + info.nbytes
     if expected != size:
         problem = "truncated" if expected > size else "trailing bytes after the data"
         raise CheckpointError(f"{problem}: tensors end at byte {expected} but the file has {size}", path)

@@ -1,198 +1,213 @@
-"""``rmconvert validate``: static checks of a reward-model checkpoint, each finding with a stable code."""
+"""``rmconvert validate``: findings with stable codes about a reward-model checkpoint, ours or anyone's.
+
+The codes live in CODES (severity, what it means, how to fix it); the checks that produce them are small
+functions in :mod:`rmconvert.checks` (static: headers and JSON only) and :mod:`rmconvert.probes`
+(``--load`` and ``--against``: these load the model). Plugins add checks through
+``rmconvert_register_checks``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .checkpoint import INDEX, Checkpoint, open_checkpoint, read_json, text_config
+from .architecture import Architecture
+from .checkpoint import INDEX, SINGLE, Checkpoint, open_checkpoint, read_json, text_config
 from .errors import CheckpointError
 from .host import Registry, load_registry
-from .pad import eos_ids
-from .schema import schema_errors
-from .tokenizer_files import TOKENIZER_CONFIG, TokenizerFiles
+from .tokenizer_files import TokenizerFiles
 
 ERROR, WARNING = "error", "warning"
 
 
 @dataclass(frozen=True)
+class Code:
+    """A kind of finding: its severity, what it means, and the fix (``{path}`` is the checkpoint)."""
+
+    code: str
+    severity: str
+    title: str
+    hint: str
+
+
+FIX = "rmconvert convert {path} {path}-fixed"
+CODES = {
+    c.code: c
+    for c in (
+        Code(
+            "RM001",
+            ERROR,
+            "the checkpoint cannot be read: a file is missing, truncated or malformed",
+            "re-save or re-download the file",
+        ),
+        Code("RM002", ERROR, "config.json violates the architecture's JSON schema", FIX),
+        Code(
+            "RM003",
+            ERROR,
+            "no installed plugin knows the model_type",
+            "install a plugin for it (see `rmconvert plugins`)",
+        ),
+        Code(
+            "RM004",
+            WARNING,
+            "config.json names remote code (auto_map); rmconvert never runs it",
+            "load without trust_remote_code, or remove auto_map",
+        ),
+        Code("RM010", ERROR, "no score head", FIX),
+        Code("RM011", ERROR, "score.weight is not [1 or 2, hidden_size]", "retrain or re-export the head"),
+        Code(
+            "RM012",
+            ERROR,
+            "the config's label count differs from the head's rows (no id2label loads 2)",
+            FIX + " (writes id2label)",
+        ),
+        Code("RM013", ERROR, "a language-model head is present", FIX + " (drops it)"),
+        Code(
+            "RM014",
+            ERROR,
+            "an OpenRLHF reward model (RewardModel, value_head): not loadable as a classifier",
+            FIX + " (renames the head to score.weight)",
+        ),
+        Code(
+            "RM021", ERROR, "vocab_size is smaller than the tokenizer", FIX + " (pads the vocabulary, never shrinks it)"
+        ),
+        Code("RM022", ERROR, "embedding rows differ from vocab_size", "set vocab_size to the embedding's rows"),
+        Code("RM023", ERROR, "the input embedding cannot be found", "check the architecture (--arch) or the plugin"),
+        Code("RM024", ERROR, "a tensor's width differs from hidden_size", "re-export the checkpoint"),
+        Code("RM031", ERROR, "pad_token_id is not below vocab_size", FIX),
+        Code(
+            "RM032",
+            ERROR,
+            "pad_token_id is an eos id: the reward is read at the wrong token",
+            FIX + " --pad-token '<pad>' (then retrain: the read position moves)",
+        ),
+        Code(
+            "RM033",
+            ERROR,
+            "the tokenizer's pad differs from config pad_token_id",
+            "make tokenizer_config.json pad_token the config's pad",
+        ),
+        Code(
+            "RM040",
+            ERROR,
+            "the shard index has no metadata (transformers 5 raises KeyError)",
+            FIX + " (writes an exact index)",
+        ),
+        Code("RM041", ERROR, "the shard index's total_size is wrong", FIX + " (writes an exact index)"),
+        Code("RM050", WARNING, "a dropout field is not 0 (open-instruct trains reward models without dropout)", FIX),
+        Code("RM060", ERROR, "a tokenizer file is missing or malformed", "save the tokenizer with transformers"),
+        Code(
+            "RM100", ERROR, "loading reports missing keys (randomly initialised)", "check the checkpoint's tensor names"
+        ),
+        Code("RM101", ERROR, "loading reports unexpected keys (ignored)", FIX),
+        Code("RM102", ERROR, "loading reports tensors of mismatched shape", FIX),
+        Code("RM103", ERROR, "transformers cannot load the model", "see the message"),
+        Code(
+            "RM110", ERROR, "a padded batch scores differently from the same sequences one by one", "check pad_token_id"
+        ),
+        Code("RM120", ERROR, "a backbone tensor differs from the source's", "convert again from the source"),
+        Code("RM121", ERROR, "a source tensor is missing from the reward model", "convert again from the source"),
+        Code("RM122", ERROR, "backbone hidden states differ from the source's", "convert again from the source"),
+        Code(
+            "RM123",
+            ERROR,
+            "rewards differ from the source reward model's under the head rules",
+            "convert again from the source",
+        ),
+        Code(
+            "RM124",
+            WARNING,
+            "a backbone tensor was cast from the source's dtype; bytes not compared",
+            "expected after --dtype",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
 class Finding:
-    """One problem: stable code, severity, the file and the field or tensor, and what is wrong."""
+    """One problem: stable code, severity, the file and the JSON pointer or tensor, what is wrong, the fix."""
 
     code: str
     severity: str
     file: str
     where: str
     message: str
+    hint: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _head(ckpt: Checkpoint, hidden) -> list[Finding]:
-    findings = []
-    lm_head = sorted(n for n in ckpt.tensors if n.startswith("lm_head."))
-    if lm_head:
-        findings.append(
-            Finding(
-                "RM013",
-                ERROR,
-                ckpt.tensors[lm_head[0]].path.name,
-                lm_head[0],
-                "language-model head present: a reward model has only score.weight",
-            )
-        )
-    score = ckpt.tensors.get("score.weight")
-    if score is None:
-        return findings + [Finding("RM010", ERROR, "model.safetensors", "score.weight", "no score head")]
-    if len(score.shape) != 2 or score.shape[0] not in (1, 2) or score.shape[1] != hidden:
-        return findings + [
-            Finding(
-                "RM011",
-                ERROR,
-                score.path.name,
-                "score.weight",
-                f"shape {list(score.shape)}; expected [1 or 2, {hidden}]",
-            )
-        ]
-    id2label = ckpt.config.get("id2label")
-    labels = len(id2label) if isinstance(id2label, dict) else 2  # transformers' default without id2label
-    if labels != score.shape[0]:
-        findings.append(
-            Finding(
-                "RM012",
-                ERROR,
-                "config.json",
-                "/id2label",
-                f"config loads {labels} labels but score.weight has {score.shape[0]} rows"
-                " (transformers would re-initialise the head randomly)",
-            )
-        )
-    return findings
+@dataclass
+class Subject:
+    """What checks look at: the checkpoint read from disk, and what was made of it."""
+
+    path: Path
+    ckpt: Checkpoint
+    architecture: Architecture | None
+    tokenizer: TokenizerFiles | None
+    tokenizer_error: CheckpointError | None
+    generation_config: dict | None
+
+    @property
+    def config(self) -> dict:
+        return self.ckpt.config
+
+    @property
+    def text_config(self) -> dict:
+        return text_config(self.ckpt.config)
+
+    @property
+    def weights_file(self) -> str:
+        """The file that says where tensors are: the index of a sharded checkpoint, else the single file."""
+        return INDEX if self.ckpt.index is not None else SINGLE
+
+    def finding(self, code: str, file: str, where: str, message: str) -> Finding:
+        """A finding of a built-in code, with its severity and fix hint."""
+        kind = CODES[code]
+        return Finding(code, kind.severity, file, where, message, kind.hint.format(path=self.path))
 
 
-def _vocab_and_pad(ckpt: Checkpoint, tc: dict, embedding: str | None) -> list[Finding]:
-    findings = []
+def _read(path: Path, registry: Registry) -> Subject:
+    ckpt = open_checkpoint(path)
+    registered = registry.for_model_type(ckpt.model_type)
     try:
-        tok = TokenizerFiles.read(ckpt.path)
+        tokenizer, tokenizer_error = TokenizerFiles.read(path), None
     except CheckpointError as exc:
-        return [Finding("RM060", ERROR, Path(str(exc.path)).name, "", exc.message)]
-    vocab, pad = tc.get("vocab_size"), tc.get("pad_token_id")
-    emb = ckpt.tensors.get(embedding) if embedding else None
-    if type(vocab) is int:
-        if vocab < len(tok):
-            findings.append(
-                Finding(
-                    "RM021",
-                    ERROR,
-                    "config.json",
-                    "/vocab_size",
-                    f"{vocab} is smaller than the tokenizer's {len(tok)} tokens",
-                )
-            )
-        if emb is not None and emb.shape[0] != vocab:
-            findings.append(
-                Finding(
-                    "RM022",
-                    ERROR,
-                    emb.path.name,
-                    emb.name,
-                    f"{emb.shape[0]} embedding rows but config vocab_size is {vocab}",
-                )
-            )
-    if type(pad) is int:
-        generation_config = read_json(ckpt.path / "generation_config.json", required=False)
-        if type(vocab) is int and pad >= vocab:
-            findings.append(
-                Finding("RM031", ERROR, "config.json", "/pad_token_id", f"{pad} is not below vocab_size {vocab}")
-            )
-        if pad in eos_ids(ckpt.config, generation_config, tok):
-            findings.append(
-                Finding(
-                    "RM032",
-                    ERROR,
-                    "config.json",
-                    "/pad_token_id",
-                    f"pad {pad} is an eos id: the reward is read at the wrong token",
-                )
-            )
-        if tok.special_id("pad") != pad:
-            findings.append(
-                Finding(
-                    "RM033",
-                    ERROR,
-                    TOKENIZER_CONFIG,
-                    "/pad_token",
-                    f"tokenizer pad {tok.special('pad')!r} (id {tok.special_id('pad')})"
-                    f" differs from config pad_token_id {pad}",
-                )
-            )
-    return findings
+        tokenizer, tokenizer_error = None, exc
+    generation_config = read_json(path / "generation_config.json", required=False)
+    return Subject(
+        path, ckpt, registered.architecture if registered else None, tokenizer, tokenizer_error, generation_config
+    )
 
 
-def _index(ckpt: Checkpoint) -> list[Finding]:
-    if ckpt.index is None:
-        return []
-    metadata = ckpt.index.get("metadata")
-    total = sum(t.nbytes for t in ckpt.tensors.values())
-    if not isinstance(metadata, dict):
-        return [Finding("RM040", ERROR, INDEX, "/metadata", "missing: transformers 5 raises KeyError")]
-    if metadata.get("total_size") != total:
-        return [
-            Finding(
-                "RM041",
-                ERROR,
-                INDEX,
-                "/metadata/total_size",
-                f"{metadata.get('total_size')!r}, tensors hold {total} bytes",
-            )
-        ]
-    return []
+def validate(
+    path: str | Path, *, load: bool = False, against: str | Path | None = None, registry: Registry | None = None
+) -> list[Finding]:
+    """Every finding for the reward-model checkpoint at ``path``; no finding of severity error means sound.
 
+    ``load`` also loads it with transformers and scores probe batches; ``against`` compares it with the
+    checkpoint it was converted from (bytes, and with ``load`` hidden states and rewards).
+    """
+    from . import checks
 
-def _dropout(ckpt: Checkpoint, tc: dict, fields) -> list[Finding]:
-    return [
-        Finding("RM050", WARNING, "config.json", f"/{name}", f"dropout {tc[name]} (open-instruct trains RMs with 0)")
-        for name in fields
-        if isinstance(tc.get(name), (int, float)) and not isinstance(tc.get(name), bool) and tc[name]
-    ]
-
-
-def validate(path: str | Path, registry: Registry | None = None) -> list[Finding]:
-    """Every finding for the reward-model checkpoint at ``path`` (an empty list means sound)."""
     path = Path(path)
+    registry = registry or load_registry()
     try:
-        ckpt = open_checkpoint(path)
+        subject = _read(path, registry)
     except CheckpointError as exc:
         where = Path(str(exc.path)) if exc.path is not None else path
-        name = where.name if where != path else str(path)
-        return [Finding("RM001", ERROR, name, "", exc.message)]
-    registry = registry or load_registry()
-    registered = registry.for_model_type(ckpt.model_type)
-    findings = []
-    if registered is None:
-        findings.append(
-            Finding(
-                "RM003",
-                ERROR,
-                "config.json",
-                "/model_type",
-                f"{ckpt.model_type!r}: no installed plugin knows this architecture",
-            )
-        )
-    arch = registered.architecture if registered else None
-    schema = arch.schema if arch else None
-    for problem in schema_errors(ckpt.config, schema) if schema else []:
-        pointer, message = problem.split(": ", 1)
-        findings.append(Finding("RM002", ERROR, "config.json", pointer, message))
-    tc = text_config(ckpt.config)
-    findings += _head(ckpt, tc.get("hidden_size"))
-    try:
-        embedding = arch.embedding_name(ckpt) if arch else None
-    except CheckpointError as exc:
-        findings.append(Finding("RM023", ERROR, "config.json", "", exc.message))
-        embedding = None
-    findings += _vocab_and_pad(ckpt, tc, embedding)
-    findings += _index(ckpt)
-    findings += _dropout(ckpt, tc, arch.dropout_fields if arch else ())
+        name = where.name if where.parent == path else str(where)
+        return [Finding("RM001", ERROR, name, "", exc.message, CODES["RM001"].hint)]
+    findings = [f for check in checks.STATIC for f in check(subject)]
+    for _, check in registry.checks:
+        findings += list(check(subject))
+    if load or against is not None:
+        from . import probes
+
+        if against is not None:
+            findings += probes.against_source(subject, Path(against), registry, load)
+        if load:
+            findings += probes.loaded(subject)
     return findings

@@ -571,7 +571,7 @@ def test_overwrite_replaces_non_empty_dst(ws):
     checked = rmconvert("validate", dst)
     assert_no_crash(checked)
     assert checked.exit_code == 0, checked.stderr
-    assert checked.stderr.splitlines()[-1] == f"{dst}: valid"
+    assert checked.stdout.splitlines()[-1] == f"{dst}: valid (0 errors, 0 warnings)"
 
 
 # --- validate ----------------------------------------------------------------------------------
@@ -624,12 +624,12 @@ def test_validate_reports_bad_checkpoint(ws, reward_model, scene, code, file, pr
     result = rmconvert("validate", path)
     assert_no_crash(result)
     assert result.exit_code == 1, result.stderr
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    matching = [line for line in lines if line.startswith(f"{code} error") and problem in line]
-    assert len(matching) == 1, result.stderr
-    assert re.search(rf"\s(\S*/)?{re.escape(file)}( \S+)?: ", matching[0]), matching[0]
-    assert re.fullmatch(rf"{re.escape(str(path))}: invalid \(\d+ errors?\)", lines[-1]), lines[-1]
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()  # a table: CODE SEVERITY FILE WHERE MESSAGE, fix lines, a verdict
+    matching = [line for line in lines if re.match(rf"{code}\s+error\s", line) and problem in line]
+    assert len(matching) == 1, result.stdout
+    assert re.search(rf"\s(\S*/)?{re.escape(file)}\s", matching[0]), matching[0]
+    assert re.fullmatch(rf"{re.escape(str(path))}: invalid \(\d+ errors, \d+ warnings\)", lines[-1]), lines[-1]
     assert state(path) == before
 
 

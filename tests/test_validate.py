@@ -1,14 +1,23 @@
-"""``rmconvert validate`` finds each known reward-model defect, with its code, file and field."""
+"""``rmconvert validate`` finds each known reward-model defect, with its code, file, field and fix."""
 
 from __future__ import annotations
 
 import json
+import re
+import struct
+from pathlib import Path
 
+import jsonschema
 import pytest
 from click.testing import CliRunner
 
-from rmconvert import convert, validate
+from rmconvert import Architecture, convert, hookimpl, schemas, validate
+from rmconvert.checkpoint import open_checkpoint
 from rmconvert.cli import cli
+from rmconvert.host import get_plugin_manager, load_registry
+from rmconvert.validation import CODES, Finding
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def edit_json(path, **changes):
@@ -19,21 +28,53 @@ def edit_json(path, **changes):
     path.write_text(json.dumps(data))
 
 
+def rename_tensor(rm: Path, old: str, new: str) -> None:
+    """Rename a tensor in its shard's header and in the index; the data bytes stay as they are."""
+    shard = shard_of(rm, old)
+    raw = shard.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    header[new] = header.pop(old)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    shard.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+    index = rm / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"][new] = data["weight_map"].pop(old)
+        index.write_text(json.dumps(data))
+
+
+def shard_of(rm: Path, tensor: str) -> Path:
+    return open_checkpoint(rm).tensors[tensor].path
+
+
 @pytest.fixture(scope="module")
-def good_rm(build, tmp_path_factory):
+def source(build):
+    return build("llama2", max_shard_size="100KB")
+
+
+@pytest.fixture(scope="module")
+def good_rm(source, tmp_path_factory):
     dst = tmp_path_factory.mktemp("rm") / "rm"
-    convert(build("llama2", max_shard_size="100KB"), dst)
+    convert(source, dst)
     return dst
 
 
-def codes(path):
-    return {(f.code, f.file, f.where) for f in validate(path)}
+def run(*args):
+    return CliRunner().invoke(cli, ["validate", *map(str, args)])
 
 
-def test_a_converted_checkpoint_is_valid(good_rm):
-    result = CliRunner().invoke(cli, ["validate", str(good_rm), "--json"])
+def codes(path, **options):
+    return {f.code for f in validate(path, **options)}
+
+
+def test_a_converted_checkpoint_is_valid_and_the_json_report_follows_its_schema(good_rm):
+    result = run(good_rm, "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"path": str(good_rm), "valid": True, "findings": []}
+    report = json.loads(result.stdout)
+    jsonschema.validate(report, json.loads(schemas.path("validate-report").read_text()))
+    assert report == {"path": str(good_rm), "valid": True, "strict": False, "errors": 0, "warnings": 0, "findings": []}
 
 
 def damage_pad_is_eos(rm):
@@ -70,52 +111,151 @@ def damage_pad_is_list(rm):
 
 
 def damage_truncated_shard(rm):
-    shard = rm / "model-00001-of-00004.safetensors"
+    shard = shard_of(rm, "score.weight")
     shard.write_bytes(shard.read_bytes()[:-10])
 
 
+def damage_hidden_size(rm):
+    edit_json(rm / "config.json", hidden_size=32)
+
+
+def damage_tokenizer(rm):
+    (rm / "tokenizer.json").write_text("{not json")
+
+
 @pytest.mark.parametrize(
-    "damage, expected",
+    "damage, code, file, where",
     [
-        (damage_pad_is_eos, ("RM032", "config.json", "/pad_token_id")),
-        (damage_no_id2label, ("RM012", "config.json", "/id2label")),
-        (damage_vocab_not_multiple_of_8, ("RM002", "config.json", "/vocab_size")),
-        (damage_vocab_not_multiple_of_8, ("RM022", "model-00001-of-00004.safetensors", "model.embed_tokens.weight")),
-        (damage_pad_out_of_range, ("RM031", "config.json", "/pad_token_id")),
-        (damage_pad_disagrees_with_tokenizer, ("RM033", "tokenizer_config.json", "/pad_token")),
-        (damage_index_without_metadata, ("RM040", "model.safetensors.index.json", "/metadata")),
-        (damage_index_total_size, ("RM041", "model.safetensors.index.json", "/metadata/total_size")),
-        (damage_pad_is_list, ("RM002", "config.json", "/pad_token_id")),
-        (damage_truncated_shard, ("RM001", "model-00001-of-00004.safetensors", "")),
+        (damage_pad_is_eos, "RM032", "config.json", "/pad_token_id"),
+        (damage_no_id2label, "RM012", "config.json", "/id2label"),
+        (damage_vocab_not_multiple_of_8, "RM002", "config.json", "/vocab_size"),
+        (damage_vocab_not_multiple_of_8, "RM022", None, "model.embed_tokens.weight"),
+        (damage_pad_out_of_range, "RM031", "config.json", "/pad_token_id"),
+        (damage_pad_disagrees_with_tokenizer, "RM033", "tokenizer_config.json", "/pad_token"),
+        (damage_index_without_metadata, "RM040", "model.safetensors.index.json", "/metadata"),
+        (damage_index_total_size, "RM041", "model.safetensors.index.json", "/metadata/total_size"),
+        (damage_pad_is_list, "RM002", "config.json", "/pad_token_id"),
+        (damage_truncated_shard, "RM001", None, ""),
+        (damage_hidden_size, "RM011", None, "score.weight"),
+        (damage_hidden_size, "RM024", None, "model.embed_tokens.weight"),
+        (damage_tokenizer, "RM060", "tokenizer.json", ""),
     ],
-    ids=lambda v: getattr(v, "__name__", None) or v[0],
+    ids=lambda v: getattr(v, "__name__", None) or str(v),
 )
-def test_each_defect_is_reported_and_makes_the_checkpoint_invalid(good_rm, writable_copy, damage, expected):
+def test_each_defect_is_reported_with_a_fix_and_fails_validation(good_rm, writable_copy, damage, code, file, where):
     rm = writable_copy(good_rm)
+    file = file or shard_of(good_rm, where or "score.weight").name
     damage(rm)
-    assert expected in codes(rm)
-    result = CliRunner().invoke(cli, ["validate", str(rm)])
+    found = [f for f in validate(rm) if f.code == code]
+    assert [(f.file, f.where) for f in found] == [(file, where)], validate(rm)
+    assert found[0].severity == "error" and found[0].hint and found[0].message
+    result = run(rm)
     assert result.exit_code == 1
-    assert expected[0] in result.stderr and "invalid" in result.stderr.splitlines()[-1]
+    assert re.search(rf"^{code} +error +{re.escape(file)}", result.stdout, re.MULTILINE), result.stdout
+    assert "invalid" in result.stdout.splitlines()[-1]
 
 
 def test_a_causal_lm_is_not_a_reward_model(build):
-    found = codes(build("llama3"))
-    assert ("RM010", "model.safetensors", "score.weight") in found
-    assert ("RM013", "model.safetensors", "lm_head.weight") in found
-    assert ("RM002", "config.json", "/architectures/0") in found
+    found = {(f.code, f.where) for f in validate(build("llama3"))}
+    assert {("RM010", "score.weight"), ("RM013", "lm_head.weight"), ("RM002", "/architectures/0")} <= found
 
 
 def test_shrunk_vocabulary_is_reported(build, tmp_path):
     rm = tmp_path / "rm"
     convert(build("olmo2"), rm)
-    edit_json(rm / "config.json", vocab_size=296)  # smaller than the 300-token tokenizer, as OLMo-2-13B-RM shipped
-    found = {f.code for f in validate(rm)}
-    assert {"RM021", "RM022"} <= found
+    edit_json(rm / "config.json", vocab_size=296)  # below the 300-token tokenizer, as OLMo-2-13B-RM shipped
+    assert {"RM021", "RM022"} <= codes(rm)
 
 
-def test_dropout_is_a_warning_not_an_error(good_rm, writable_copy):
+def test_warnings_pass_unless_strict(good_rm, writable_copy):
     rm = writable_copy(good_rm)
-    edit_json(rm / "config.json", attention_dropout=0.1)
-    findings = validate(rm)
-    assert [(f.code, f.severity) for f in findings] == [("RM050", "warning")]
+    edit_json(rm / "config.json", attention_dropout=0.1, auto_map={"AutoModel": "remote.Model"})
+    assert sorted((f.code, f.severity) for f in validate(rm)) == [("RM004", "warning"), ("RM050", "warning")]
+    assert run(rm).exit_code == 0
+    strict = run(rm, "--strict", "--json")
+    assert strict.exit_code == 1 and json.loads(strict.stdout)["errors"] == 2
+
+
+def test_openrlhf_reward_model_is_recognised_and_convert_fixes_it(good_rm, writable_copy, tmp_path):
+    rm = writable_copy(good_rm)
+    rename_tensor(rm, "score.weight", "value_head.weight")
+    edit_json(rm / "config.json", architectures=["RewardModel"], value_head_prefix="value_head")
+    edit_json(rm / "config.json", id2label=None, label2id=None, mean=0.1, std=2.0, normalize_reward=True)
+    found = codes(rm)
+    assert {"RM014", "RM010"} <= found
+    fixed = tmp_path / "fixed"
+    report = convert(rm, fixed)
+    assert report["head"]["how"] == "unchanged 1-label head" and report["source_kind"] == "reward model"
+    assert validate(fixed, against=rm) == []
+    assert validate(fixed) == []
+
+
+def test_load_finds_nothing_on_a_sound_model_and_checks_against_the_source(good_rm, source):
+    assert validate(good_rm, load=True, against=source) == []
+
+
+def test_load_reports_batches_that_score_differently(good_rm, writable_copy):
+    rm = writable_copy(good_rm)
+    damage_pad_disagrees_with_tokenizer(rm)  # the tokenizer pads with <unk>, pooling skips only <pad>
+    assert {"RM033", "RM110"} <= codes(rm, load=True)
+
+
+def test_load_reports_missing_and_unexpected_keys(good_rm, writable_copy):
+    rm = writable_copy(good_rm)
+    rename_tensor(rm, "model.norm.weight", "model.final_norm.weight")
+    assert {"RM100", "RM101"} <= codes(rm, load=True)
+
+
+def test_against_finds_a_changed_backbone_tensor(good_rm, source, writable_copy):
+    rm = writable_copy(good_rm)
+    info = open_checkpoint(rm).tensors["model.layers.0.mlp.up_proj.weight"]
+    with open(info.path, "r+b") as f:
+        f.seek(info.offset + 10)
+        f.write(b"\x7f")
+    found = [f for f in validate(rm, against=source) if f.code == "RM120"]
+    assert [f.where for f in found] == ["model.layers.0.mlp.up_proj.weight"]
+
+
+def test_against_a_two_label_source_checks_the_head_rules(build, tmp_path):
+    source = build("llama3", labels=2)
+    convert(source, tmp_path / "scalar")
+    assert validate(tmp_path / "scalar", load=True, against=source) == []
+    bad = tmp_path / "bad"
+    convert(source, bad, from_bt="difference", seed=1)
+    edit_json(bad / "rmconvert.json", note="score changed below")
+    info = open_checkpoint(bad).tensors["score.weight"]
+    with open(info.path, "r+b") as f:  # a head that matches neither row 1 nor row 1 - row 0
+        f.seek(info.offset)
+        f.write(b"\x00\x00\x80\x3f" * 8)
+    assert "RM123" in codes(bad, load=True, against=source)
+
+
+class AcmeChecks:
+    """A third-party plugin contributing a check."""
+
+    @hookimpl
+    def rmconvert_register_checks(self, register):
+        def big_head(subject):
+            if subject.ckpt.tensors["score.weight"].shape[0] == 1:
+                yield Finding("ACME001", "warning", "config.json", "/id2label", "scalar heads need ACME calibration")
+
+        register(big_head)
+
+    @hookimpl
+    def rmconvert_register_architectures(self, register):
+        class Nothing(Architecture):
+            name = "acme-nothing"
+
+        register(Nothing())
+
+
+def test_plugins_contribute_checks(good_rm):
+    pm = get_plugin_manager(autoload=False)
+    pm.register(AcmeChecks(), name="acme")
+    findings = validate(good_rm, registry=load_registry(pm))
+    assert [(f.code, f.severity) for f in findings] == [("ACME001", "warning")]
+
+
+def test_every_code_is_documented_in_the_readme():
+    table = dict(re.findall(r"^\| (RM\d{3}) \| (.+?) \|$", README.read_text(), re.MULTILINE))
+    assert sorted(table) == sorted(CODES)

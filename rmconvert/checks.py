@@ -1,0 +1,150 @@
+"""Static checks of ``rmconvert validate``: headers and JSON only, fast and in bounded memory at any size.
+
+Each check takes a :class:`rmconvert.validation.Subject` and yields findings of its codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from .checkpoint import INDEX
+from .errors import CheckpointError
+from .pad import eos_ids
+from .schema import schema_errors
+from .tokenizer_files import TOKENIZER_CONFIG
+from .validation import Finding, Subject
+
+CONFIG = "config.json"
+
+
+def known_architecture(s: Subject) -> Iterator[Finding]:
+    if s.architecture is None:
+        yield s.finding("RM003", CONFIG, "/model_type", f"{s.ckpt.model_type!r}: no installed plugin converts it")
+
+
+def config_schema(s: Subject) -> Iterator[Finding]:
+    if s.architecture is None:
+        return
+    for problem in schema_errors(s.config, s.architecture.schema):
+        pointer, message = problem.split(": ", 1)
+        yield s.finding("RM002", CONFIG, pointer, f"{message} (schema {s.architecture.schema.name})")
+
+
+def remote_code(s: Subject) -> Iterator[Finding]:
+    if s.config.get("auto_map"):
+        yield s.finding("RM004", CONFIG, "/auto_map", f"names {sorted(s.config['auto_map'].values())}; never run")
+
+
+def openrlhf(s: Subject) -> Iterator[Finding]:
+    prefix = s.config.get("value_head_prefix")
+    if s.config.get("architectures") == ["RewardModel"] or "value_head.weight" in s.ckpt.tensors or prefix:
+        yield s.finding(
+            "RM014",
+            CONFIG,
+            "/architectures",
+            f"OpenRLHF layout (head {prefix or 'value_head'}.weight, reward normalised by mean/std"
+            f" {s.config.get('mean')}/{s.config.get('std')} when normalize_reward); transformers loads a random"
+            " 2-label head instead",
+        )
+
+
+def head(s: Subject) -> Iterator[Finding]:
+    hidden = s.text_config.get("hidden_size")
+    for name in sorted(n for n in s.ckpt.tensors if n.startswith("lm_head.")):
+        yield s.finding("RM013", s.ckpt.tensors[name].path.name, name, "a reward model has only score.weight")
+    score = s.ckpt.tensors.get("score.weight")
+    if score is None:
+        yield s.finding("RM010", s.weights_file, "score.weight", "no score head: no shard holds score.weight")
+        return
+    if len(score.shape) != 2 or score.shape[0] not in (1, 2) or score.shape[1] != hidden:
+        yield s.finding("RM011", score.path.name, "score.weight", f"{list(score.shape)}; expected [1 or 2, {hidden}]")
+        return
+    id2label = s.config.get("id2label")
+    labels = len(id2label) if isinstance(id2label, dict) else 2  # what transformers builds without id2label
+    if labels != score.shape[0]:
+        yield s.finding(
+            "RM012",
+            CONFIG,
+            "/id2label",
+            f"the config loads {labels} labels but score.weight has {score.shape[0]} rows"
+            " (transformers would initialise a new head at random)",
+        )
+
+
+def embedding(s: Subject) -> Iterator[Finding]:
+    if s.architecture is None:
+        return
+    try:
+        name = s.architecture.embedding_name(s.ckpt)
+    except CheckpointError as exc:
+        yield s.finding("RM023", CONFIG, "", exc.message)
+        return
+    emb, vocab, hidden = s.ckpt.tensors[name], s.text_config.get("vocab_size"), s.text_config.get("hidden_size")
+    if type(vocab) is int and emb.shape[0] != vocab:
+        yield s.finding("RM022", emb.path.name, name, f"{emb.shape[0]} rows but config vocab_size is {vocab}")
+    if len(emb.shape) == 2 and type(hidden) is int and emb.shape[1] != hidden:
+        yield s.finding("RM024", emb.path.name, name, f"{emb.shape[1]} wide but config hidden_size is {hidden}")
+
+
+def tokenizer_files(s: Subject) -> Iterator[Finding]:
+    if s.tokenizer_error is not None:
+        exc = s.tokenizer_error
+        yield s.finding("RM060", getattr(exc.path, "name", str(exc.path)), "", exc.message)
+
+
+def vocabulary(s: Subject) -> Iterator[Finding]:
+    vocab = s.text_config.get("vocab_size")
+    if s.tokenizer is not None and type(vocab) is int and vocab < len(s.tokenizer):
+        yield s.finding("RM021", CONFIG, "/vocab_size", f"{vocab} rows for a tokenizer of {len(s.tokenizer)} tokens")
+
+
+def pad(s: Subject) -> Iterator[Finding]:
+    pad_id, vocab = s.text_config.get("pad_token_id"), s.text_config.get("vocab_size")
+    if type(pad_id) is not int or s.tokenizer is None:
+        return  # a missing or non-int pad is a schema finding
+    if type(vocab) is int and pad_id >= vocab:
+        yield s.finding("RM031", CONFIG, "/pad_token_id", f"{pad_id} is not below vocab_size {vocab}")
+    if pad_id in eos_ids(s.config, s.generation_config, s.tokenizer):
+        yield s.finding("RM032", CONFIG, "/pad_token_id", f"pad {pad_id} is an eos id")
+    if s.tokenizer.special_id("pad") != pad_id:
+        yield s.finding(
+            "RM033",
+            TOKENIZER_CONFIG,
+            "/pad_token",
+            f"{s.tokenizer.special('pad')!r} (id {s.tokenizer.special_id('pad')}) but config pad_token_id is {pad_id}",
+        )
+
+
+def index(s: Subject) -> Iterator[Finding]:
+    if s.ckpt.index is None:
+        return
+    metadata = s.ckpt.index.get("metadata")
+    total = sum(t.nbytes for t in s.ckpt.tensors.values())
+    if not isinstance(metadata, dict):
+        yield s.finding("RM040", INDEX, "/metadata", "missing")
+    elif metadata.get("total_size") != total:
+        yield s.finding("RM041", INDEX, "/metadata/total_size", f"{metadata.get('total_size')!r}; tensors hold {total}")
+
+
+def dropout(s: Subject) -> Iterator[Finding]:
+    fields = s.architecture.dropout_fields if s.architecture else ()
+    for name in fields:
+        value = s.text_config.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+            yield s.finding("RM050", CONFIG, f"/{name}", f"{value}")
+
+
+#: The static checks, in report order.
+STATIC = (
+    known_architecture,
+    config_schema,
+    remote_code,
+    openrlhf,
+    head,
+    embedding,
+    tokenizer_files,
+    vocabulary,
+    pad,
+    index,
+    dropout,
+)
