@@ -1,4 +1,4 @@
-"""Any decoder-only model_type the installed transformers can load as ``*ForSequenceClassification``.
+"""Any decoder-only model_type of the installed transformers, with or without a native sequence classifier.
 
 Claims only what no specific plugin claims. The embedding is found by shape, so families that do not
 keep it at ``model.embed_tokens`` (e.g. ``transformer.wte``) convert too.
@@ -17,17 +17,33 @@ class Generic(Architecture):
 
     @cached_property
     def model_types(self) -> tuple[str, ...]:
-        from rmconvert.modeling import decoder_only_model_types, native_class_name
+        """Every decoder-only family; those without a native class get one built (see rmconvert.modeling)."""
+        from rmconvert.modeling import decoder_only_model_types
 
-        return tuple(sorted(t for t in decoder_only_model_types() if native_class_name(t)))
+        return tuple(sorted(decoder_only_model_types()))
+
+    def hidden_size(self, config):
+        tc = text_config(config)
+        if "hidden_size" in tc:
+            return tc["hidden_size"]
+        from rmconvert.modeling import config_attribute_map
+
+        alias = config_attribute_map(config.get("model_type", "")).get("hidden_size")
+        return tc.get(alias) if alias else None
+
+    def dropped(self, ckpt):
+        """Everything outside the backbone: a sequence classifier is the backbone plus ``score``."""
+        from rmconvert.modeling import backbone_prefix
+
+        prefix = backbone_prefix(ckpt.model_type) + "."
+        return super().dropped(ckpt) | {n for n in ckpt.tensors if not n.startswith(prefix) and n != "score.weight"}
 
     def embedding_name(self, ckpt):
         if self.embedding in ckpt.tensors:
             return self.embedding
         vocab = text_config(ckpt.config).get("vocab_size")
-        found = [
-            n for n, t in ckpt.tensors.items() if len(t.shape) == 2 and t.shape[0] == vocab and not self.dropped(n)
-        ]
+        dropped = self.dropped(ckpt)
+        found = [n for n, t in ckpt.tensors.items() if len(t.shape) == 2 and t.shape[0] == vocab and n not in dropped]
         if len(found) != 1:
             raise CheckpointError(f"cannot tell the input embedding among {found} of [vocab_size, H]", ckpt.path)
         return found[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import schemas
+from .checkpoint import text_config
 from .errors import CheckpointError
 
 #: Special tokens that serve as a pad when a tokenizer already carries one (Llama 3.1, OLMo 2, OLMoE, ...).
@@ -70,9 +71,13 @@ class Architecture:
             raise CheckpointError(f"no tensor {self.embedding!r}: the {self.name} layout expects it", ckpt.path)
         return self.embedding
 
-    def dropped(self, tensor_name: str) -> bool:
-        """Whether a tensor of the causal LM has no place in the reward model."""
-        return tensor_name.startswith(self.lm_head_prefixes + self.drop_prefixes)
+    def hidden_size(self, config: dict) -> int | None:
+        """The model width from config.json (a family may name it otherwise, e.g. GPT-2's ``n_embd``)."""
+        return text_config(config).get("hidden_size")
+
+    def dropped(self, ckpt) -> set[str]:
+        """Names of ``ckpt``'s tensors that have no place in the reward model (the LM head, ...)."""
+        return {n for n in ckpt.tensors if n.startswith(self.lm_head_prefixes + self.drop_prefixes)}
 
     def register_with_transformers(self, model_type: str) -> type:
         """Make ``AutoModelForSequenceClassification`` load ``model_type``; returns the class."""

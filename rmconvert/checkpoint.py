@@ -110,7 +110,10 @@ def check_links(path: Path) -> None:
     for entry in path.iterdir():
         if not entry.is_symlink():
             continue
-        target = entry.resolve()
+        try:
+            target = entry.resolve()
+        except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError for a symlink loop
+            raise CheckpointError("symlink loop", entry) from None
         if not target.exists():
             raise CheckpointError(f"broken symlink to {os.readlink(entry)}", entry)
         if not any(target.is_relative_to(a) for a in allowed):

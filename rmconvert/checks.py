@@ -49,7 +49,7 @@ def openrlhf(s: Subject) -> Iterator[Finding]:
 
 
 def head(s: Subject) -> Iterator[Finding]:
-    hidden = s.text_config.get("hidden_size")
+    hidden = s.hidden_size
     for name in sorted(n for n in s.ckpt.tensors if n.startswith("lm_head.")):
         yield s.finding("RM013", s.ckpt.tensors[name].path.name, name, "a reward model has only score.weight")
     score = s.ckpt.tensors.get("score.weight")
@@ -79,7 +79,7 @@ def embedding(s: Subject) -> Iterator[Finding]:
     except CheckpointError as exc:
         yield s.finding("RM023", CONFIG, "", exc.message)
         return
-    emb, vocab, hidden = s.ckpt.tensors[name], s.text_config.get("vocab_size"), s.text_config.get("hidden_size")
+    emb, vocab, hidden = s.ckpt.tensors[name], s.text_config.get("vocab_size"), s.hidden_size
     if type(vocab) is int and emb.shape[0] != vocab:
         yield s.finding("RM022", emb.path.name, name, f"{emb.shape[0]} rows but config vocab_size is {vocab}")
     if len(emb.shape) == 2 and type(hidden) is int and emb.shape[1] != hidden:

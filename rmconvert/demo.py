@@ -18,13 +18,14 @@ def _score(path: Path) -> tuple[str, bool]:
     from transformers import AutoTokenizer
 
     from .loading import load_reward_model
+    from .probes import positions
 
     model = load_reward_model(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     texts = ["the answer is good", "hello world the reward model is helpful and honest"]
     with torch.no_grad():
         batch = tok(texts, return_tensors="pt", padding=True)
-        batched = model(**batch).logits
+        batched = model(**batch, position_ids=positions(batch["attention_mask"])).logits
         single = torch.cat([model(**tok([t], return_tensors="pt")).logits for t in texts])
     reward = batched[0, -1].item()  # logits[:, 0] for a scalar head, logits[:, 1] for Bradley-Terry
     return f"{reward:+.4f}", torch.allclose(batched, single, atol=1e-5)

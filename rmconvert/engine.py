@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
+from .architecture import Architecture
 from .checkpoint import INDEX, SINGLE, Checkpoint, open_checkpoint, read_json, require_directory, text_config
 from .dtypes import FLOAT_DTYPES, TORCH_NAMES
-from .errors import CheckpointError, OutputError, UsageError
+from .errors import CheckpointError, OutputError, PluginError, UsageError
 from .head import default_init_std, mean_row, score_parts
 from .host import Registered, Registry, load_registry
 from .output import FILE_MODE, check_destination, staged, write_file
@@ -93,10 +94,9 @@ def _head_tensor(ckpt: Checkpoint) -> str:
     return f"{prefix}.weight" if isinstance(prefix, str) and f"{prefix}.weight" in ckpt.tensors else "score.weight"
 
 
-def _check_shapes(ckpt: Checkpoint, embedding: str, head: str) -> tuple[int, int]:
+def _check_shapes(ckpt: Checkpoint, arch: Architecture, embedding: str, head: str) -> tuple[int, int]:
     """(vocab_size, hidden_size), after checking the embedding and any head agree with config.json."""
-    tc = text_config(ckpt.config)
-    vocab, hidden = tc.get("vocab_size"), tc.get("hidden_size")
+    vocab, hidden = text_config(ckpt.config).get("vocab_size"), arch.hidden_size(ckpt.config)
     if type(vocab) is not int or type(hidden) is not int or vocab <= 0 or hidden <= 0:
         raise CheckpointError("vocab_size and hidden_size must be positive integers", ckpt.config_path)
     emb = ckpt.tensors[embedding]
@@ -165,7 +165,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     arch = registered.architecture
     embedding = arch.embedding_name(ckpt)
     head = _head_tensor(ckpt)
-    vocab, hidden = _check_shapes(ckpt, embedding, head)
+    vocab, hidden = _check_shapes(ckpt, arch, embedding, head)
     existing = ckpt.tensors.get(head)
     tok = TokenizerFiles.read(ckpt.path)
     generation_config = read_json(ckpt.path / GENERATION_CONFIG, required=False)
@@ -186,7 +186,9 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     target = TORCH_NAMES[options.dtype] if options.dtype else None
 
     # Per source shard: the tensors it keeps (a grown embedding replaces the old one), and whether it changed.
-    dropped = sorted(n for n in ckpt.tensors if arch.dropped(n) or n == head)
+    dropped = sorted(arch.dropped(ckpt) | {head} & set(ckpt.tensors))
+    if embedding in dropped:
+        raise PluginError(f"architecture {arch.name!r} drops the input embedding {embedding}")
     grouped: list[list[OutTensor]] = []
     changed: list[bool] = []
     for shard in ckpt.shards:

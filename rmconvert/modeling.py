@@ -23,6 +23,16 @@ def decoder_only_model_types() -> set[str]:
     return set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - others
 
 
+def config_attribute_map(model_type: str) -> dict[str, str]:
+    """The config class's aliases (e.g. GPT-2 stores ``hidden_size`` as ``n_embd``)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        return dict(getattr(CONFIG_MAPPING[model_type], "attribute_map", {}))
+    except KeyError:
+        return {}
+
+
 def native_class_name(model_type: str) -> str | None:
     """The installed transformers' own sequence-classification class name, if it has one."""
     return _mappings().MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
@@ -39,17 +49,33 @@ def sequence_classification_class_name(model_type: str) -> str:
     return backbone[: -len("Model")] + "ForSequenceClassification"
 
 
-def build_sequence_classification_class(model_type: str, class_name: str) -> type:
-    """A ``GenericForSequenceClassification`` over the family's backbone: ``model.*`` + ``score``."""
+def _backbone_classes(model_type: str) -> tuple[type, type]:
+    """The family's backbone class (``AutoModel``) and its ``PreTrainedModel`` base."""
     import transformers
-    from transformers.modeling_layers import GenericForSequenceClassification
     from transformers.modeling_utils import PreTrainedModel
 
     backbone = getattr(transformers, _mappings().MODEL_MAPPING_NAMES[model_type])
-    pretrained = next(c for c in backbone.__mro__ if PreTrainedModel in c.__bases__)
+    return backbone, next(c for c in backbone.__mro__ if PreTrainedModel in c.__bases__)
+
+
+def backbone_prefix(model_type: str) -> str:
+    """Where a ``model_type``'s checkpoints keep the backbone (``model``, ``transformer``, ``gpt_neox``, ...)."""
+    return _backbone_classes(model_type)[1].base_model_prefix or "model"  # e.g. Llama 4 leaves it empty
+
+
+def build_sequence_classification_class(model_type: str, class_name: str) -> type:
+    """A ``GenericForSequenceClassification`` over the family's backbone: ``<prefix>.*`` + ``score``."""
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    backbone, pretrained = _backbone_classes(model_type)
     # transformers inspects the defining module's source to decide which attention and experts kernels a
     # class may use: claim the family's module so the backbone computes exactly as the causal LM does.
-    return type(class_name, (GenericForSequenceClassification, pretrained), {"__module__": pretrained.__module__})
+    namespace = {
+        "__module__": pretrained.__module__,
+        "base_model_prefix": backbone_prefix(model_type),
+        "config_class": backbone.config_class,
+    }
+    return type(class_name, (GenericForSequenceClassification, pretrained), namespace)
 
 
 _BUILT: dict[str, type] = {}

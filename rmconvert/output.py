@@ -22,6 +22,8 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         _check_destination(src.resolve(), dst.resolve(), overwrite)
     except OSError as exc:  # e.g. a name too long for the filesystem
         raise OutputError(exc.strerror or str(exc), dst) from None
+    except RuntimeError:  # Python 3.11's resolve() on a symlink loop
+        raise OutputError("symlink loop", dst) from None
 
 
 def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:

@@ -40,6 +40,11 @@ def _probe_ids(path: Path):
     return tok, [tok(text, return_tensors="pt").input_ids for text in PROBE_TEXTS]
 
 
+def positions(attention_mask):
+    """Position ids that skip padding, as generation computes them (absolute-position families need them)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def _load_failed(s: Subject, exc: Exception) -> Finding:
     first_line = (str(exc).splitlines() or [""])[0][:300]
     return s.finding("RM103", "config.json", "", f"{type(exc).__name__}: {first_line}")
@@ -67,7 +72,7 @@ def loaded(s: Subject) -> list[Finding]:
         for side in ("right", "left"):
             tok.padding_side = side
             batch = tok(list(PROBE_TEXTS), return_tensors="pt", padding=True)
-            batched = model(**batch).logits
+            batched = model(**batch, position_ids=positions(batch["attention_mask"])).logits
             if not torch.allclose(batched, alone, atol=_tolerance(model.dtype), rtol=_tolerance(model.dtype)):
                 worst = (batched - alone).abs().max().item()
                 findings.append(
@@ -95,8 +100,9 @@ def against_source(s: Subject, source: Path, registry: Registry, load: bool) -> 
     arch = s.architecture
     embedding = arch.embedding_name(s.ckpt) if arch else None
     findings = []
+    dropped = (arch.dropped(src) if arch else set()) | {"score.weight", "value_head.weight"}
     for name, theirs in sorted(src.tensors.items()):
-        if (arch and arch.dropped(name)) or name in ("score.weight", "value_head.weight"):
+        if name in dropped:
             continue
         ours = s.ckpt.tensors.get(name)
         if ours is None:
@@ -130,7 +136,8 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
     findings = []
     with torch.no_grad():
         for ids in singles:
-            a, b = ours.base_model(ids).last_hidden_state, theirs.base_model(ids).last_hidden_state
+            a = ours(ids, output_hidden_states=True).hidden_states[-1]
+            b = theirs(ids, output_hidden_states=True).hidden_states[-1]
             if not torch.equal(a, b):
                 diff = (a.float() - b.float()).abs().max().item()
                 return [s.finding("RM122", s.weights_file, "", f"max difference {diff:.3g}")]

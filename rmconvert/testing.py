@@ -72,6 +72,19 @@ COMMON = {
     "max_position_embeddings": 128,
 }
 
+#: Sizes that make any family tiny; each applies only where the family's config has the field.
+TINY = {
+    **COMMON,
+    "head_dim": 16,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "sliding_window": 64,
+}
+
 RECIPES = {
     # Llama 3.1: no pad, eos list in config, unused <|finetune_right_pad_id|> in the vocabulary.
     "llama3": Recipe(
@@ -120,6 +133,17 @@ RECIPES = {
 }
 
 
+def recipe_for(kind: str) -> Recipe:
+    """A named recipe, or for any other ``model_type`` a tiny member with a 299-token tokenizer and no pad."""
+    if kind in RECIPES:
+        return RECIPES[kind]
+    from transformers import AutoConfig
+
+    defaults = AutoConfig.for_model(kind).get_text_config().to_dict()
+    sizes = {k: v for k, v in TINY.items() if k in defaults}
+    return Recipe(kind, ("<|endoftext|>", "<|im_end|>"), 299, 304, eos="<|endoftext|>", config=sizes)
+
+
 def build_tokenizer(recipe: Recipe):
     """A byte-level BPE trained locally with ``tokenizers`` (as Llama 3, OLMo 2 and Qwen 2 use), as a
     transformers fast tokenizer of exactly ``recipe.tokens`` tokens."""
@@ -154,13 +178,17 @@ def build_checkpoint(
     seed: int = 0,
     **config,
 ) -> Path:
-    """Save a tiny random ``kind`` (a key of RECIPES) causal LM, or a ``labels``-label reward model, at ``path``."""
+    """Save a tiny random causal LM, or a ``labels``-label reward model, at ``path``.
+
+    ``kind`` is a key of RECIPES (shaped like the real family's checkpoints) or any transformers
+    ``model_type``; ``config`` overrides config fields.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .modeling import register_sequence_classification_class, sequence_classification_class_name
 
-    recipe = RECIPES[kind]
+    recipe = recipe_for(kind)
     tokenizer = build_tokenizer(recipe)
     ids = tokenizer.get_vocab()
     eos = [ids[t] for t in recipe.config_eos] if recipe.config_eos else ids[recipe.eos]

@@ -159,6 +159,12 @@ class Subject:
         return text_config(self.ckpt.config)
 
     @property
+    def hidden_size(self) -> int | None:
+        if self.architecture is not None:
+            return self.architecture.hidden_size(self.config)
+        return self.text_config.get("hidden_size")
+
+    @property
     def weights_file(self) -> str:
         """The file that says where tensors are: the index of a sharded checkpoint, else the single file."""
         return INDEX if self.ckpt.index is not None else SINGLE
