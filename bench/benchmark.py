@@ -8,6 +8,7 @@ with ratios measured in the same run. Usage: ``python bench/benchmark.py [--runs
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TIME = "/usr/bin/time"  # GNU time (Debian package "time")
+DROP_CACHES = "/proc/sys/vm/drop_caches"  # writable by root: cold-cache runs
 MODELS = {
     # ~0.95B Llama, bf16, vocab 32000 with no pad token: the embedding grows and <pad> is added.
     "llama-1b": {
@@ -110,13 +112,15 @@ def build(name: str, spec: dict, cache: Path) -> Path:
     return path
 
 
-def measure(command: list[str]) -> tuple[float, float]:
-    """(wall seconds including a final sync, peak RSS MiB) of ``command``.
+def measure(command: list[str], cold: bool) -> tuple[float, float]:
+    """(wall seconds including a final sync, peak RSS MiB) of ``command``; ``cold`` empties the page cache first.
 
     Peak RSS comes from GNU time, which forks a small process to exec the command: measured from
     Python, a child would inherit the benchmark process's own high-water mark through vfork + exec.
     """
     subprocess.run(["sync"], check=True)
+    if cold:
+        Path(DROP_CACHES).write_text("3\n")
     start = time.perf_counter()
     proc = subprocess.run(
         [TIME, "-f", "%M", *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False
@@ -148,34 +152,49 @@ def main() -> None:
     approaches = {
         "cp -r": lambda src: ["cp", "-r", str(src), str(out)],
         "rmconvert convert": lambda src: [rmconvert, "convert", str(src), str(out)],
+        "rmconvert convert --no-source-hashes": lambda src: [
+            rmconvert,
+            "convert",
+            "--no-source-hashes",
+            str(src),
+            str(out),
+        ],
         "naive transformers": lambda src: [sys.executable, "-c", NAIVE, str(src), str(out)],
     }
     if args.skip_naive:
         del approaches["naive transformers"]
-    print("| model | size | approach | wall (s) | peak RSS (MiB) | wall / cp | vs rmconvert: time, memory |")
-    print("|---|---|---|---|---|---|---|")
+    caches = ["warm", "cold"] if os.access(DROP_CACHES, os.W_OK) else ["warm"]
     names = args.models.split(",")
     for name in names:  # built in a child process, so this one stays small
         subprocess.run([sys.executable, __file__, "--build", name, "--cache", str(args.cache)], check=True)
+    print(f"median of {args.runs} alternating runs; wall includes process start and a final sync\n")
+    print("| model | size | cache | approach | wall (s) | peak RSS (MiB) | wall / cp | naive / this: time, memory |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in names:
         src = args.cache / name
-        results: dict[str, list[tuple[float, float]]] = {a: [] for a in approaches}
-        for _ in range(args.runs):
-            for approach, command in approaches.items():  # alternate, so drift hits every approach alike
-                shutil.rmtree(out, ignore_errors=True)
-                results[approach].append(measure(command(src)))
-        shutil.rmtree(out, ignore_errors=True)
-        median = {
-            a: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for a, r in results.items()
-        }
-        cp_wall, ours = median["cp -r"][0], median["rmconvert convert"]
-        for approach, (wall, rss) in median.items():
-            versus = f"{wall / ours[0]:.1f}x, {rss / ours[1]:.1f}x" if approach == "naive transformers" else ""
-            print(
-                f"| {name} | {size_of(src) / 2**30:.2f} GiB | {approach} | {wall:.2f} | {rss:.0f} |"
-                f" {wall / cp_wall:.2f} | {versus} |",
-                flush=True,
-            )
+        for cache in caches:
+            results: dict[str, list[tuple[float, float]]] = {a: [] for a in approaches}
+            for _ in range(args.runs):
+                for approach, command in approaches.items():  # alternate, so drift hits every approach alike
+                    shutil.rmtree(out, ignore_errors=True)
+                    results[approach].append(measure(command(src), cache == "cold"))
+            shutil.rmtree(out, ignore_errors=True)
+            median = {
+                a: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for a, r in results.items()
+            }
+            cp_wall = median["cp -r"][0]
+            naive = median.get("naive transformers")
+            for approach, (wall, rss) in median.items():
+                versus = (
+                    f"{naive[0] / wall:.1f}x, {naive[1] / rss:.1f}x"
+                    if naive and approach.startswith("rmconvert")
+                    else ""
+                )
+                print(
+                    f"| {name} | {size_of(src) / 2**30:.2f} GiB | {cache} | {approach} | {wall:.2f} | {rss:.0f} |"
+                    f" {wall / cp_wall:.2f} | {versus} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -99,6 +99,21 @@ def cli():
     " shares the source's inode: writing to either file changes both, and the file keeps the source's"
     " permissions. Output bytes are the same as without --link.",
 )
+@click.option(
+    "--portable",
+    is_flag=True,
+    help="For a family transformers has no sequence-classification class for, also write that class into DST"
+    " (modeling_rmconvert.py + auto_map), so consumers without rmconvert load it with trust_remote_code=True."
+    " Default: no code in the checkpoint; load it with rmconvert.load_reward_model.",
+)
+@click.option(
+    "--no-source-hashes",
+    "hash_sources",
+    flag_value=False,
+    default=True,
+    help="Do not record the sha256 of every source file in rmconvert.json. Hashing runs beside the copy on"
+    " the second core but reads every byte (about 1.7 GB/s a core); files of a Hugging Face cache are free.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty DST (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @reports_errors

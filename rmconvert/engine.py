@@ -11,7 +11,7 @@ import math
 import os
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from .head import default_init_std, mean_row, score_parts
 from .host import Registered, Registry, load_registry
 from .output import FILE_MODE, check_destination, staged, write_file
 from .pad import PadChoice, choose_pad
-from .safetensors_io import ByteRange, Copier, Header, OutTensor, Repeat, layout
+from .safetensors_io import ByteRange, Header, OutTensor, Repeat, layout, write_parts
 from .schema import schema_errors
 from .tokenizer_files import TokenizerFiles
 
@@ -59,6 +59,8 @@ class Options:
     from_bt: str = "row1"
     dtype: str | None = None
     max_shard_size: int | None = None
+    portable: bool = False
+    hash_sources: bool = True
 
     def check(self) -> None:
         if self.head not in HEADS:
@@ -82,6 +84,7 @@ class Plan:
     checkpoint: Checkpoint
     registered: Registered
     json_files: dict[str, dict]
+    generated: dict[str, bytes]  # other files written by rmconvert (the --portable modeling file)
     shards: dict[str, Header | list[OutTensor]]  # file name -> source shard copied whole, or tensors to assemble
     index: dict | None
     copies: list[str]
@@ -160,6 +163,78 @@ def _shard_names(count: int, sharded: bool) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)] if sharded else [SINGLE]
 
 
+def _plan_shards(
+    ckpt: Checkpoint, dropped: set[str], replaced: dict[str, OutTensor], score: OutTensor, options: Options
+) -> tuple[dict[str, Header | list[OutTensor]], dict | None]:
+    """The output shards (a source shard to copy whole, or the tensors to assemble) and the index."""
+    target = TORCH_NAMES[options.dtype] if options.dtype else None
+    grouped: list[list[OutTensor]] = []
+    changed: list[bool] = []
+    for shard in ckpt.shards:
+        kept = []
+        for info in sorted(shard.tensors.values(), key=lambda t: t.offset):
+            if info.name not in dropped:
+                tensor = replaced.get(info.name) or OutTensor.copy_of(info)
+                kept.append(tensor.as_dtype(target) if target else tensor)
+        grouped.append(kept)
+        changed.append(
+            len(kept) != len(shard.tensors)
+            or any(t.parts != OutTensor.copy_of(shard.tensors[t.name]).parts for t in kept)
+            or (shard.metadata or {}).get("format") != "pt"
+        )
+    # The head joins a shard that is rewritten anyway (where the old head or lm_head was), else the last one.
+    home = next((i for i, c in enumerate(changed) if c and grouped[i]), len(grouped) - 1)
+    while not grouped[home] and home > 0:
+        home -= 1
+    grouped[home].append(score.as_dtype(target) if target else score)
+    changed[home] = True
+
+    if options.max_shard_size:
+        groups = _reshard([t for group in grouped for t in group], options.max_shard_size)
+        sources: list[Header | None] = [None] * len(groups)
+    else:
+        kept_groups = [(g, s if not c else None) for g, s, c in zip(grouped, ckpt.shards, changed) if g]
+        groups, sources = [g for g, _ in kept_groups], [s for _, s in kept_groups]
+    names = _shard_names(len(groups), ckpt.index is not None or len(groups) > 1)
+    shards = {name: source or group for name, group, source in zip(names, groups, sources)}
+    if names == [SINGLE]:
+        return shards, None
+    every = [t for group in groups for t in group]
+    metadata = {"total_size": sum(t.nbytes for t in every)}
+    if "total_parameters" in ((ckpt.index or {}).get("metadata") or {}):
+        metadata["total_parameters"] = sum(math.prod(t.shape) for t in every)
+    weight_map = {t.name: name for name, group in zip(names, groups) for t in group}
+    return shards, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def _plan_json(
+    ckpt: Checkpoint, config: dict, tok: TokenizerFiles, generation_config, pad: PadChoice, options: Options
+) -> tuple[dict[str, dict], dict[str, bytes]]:
+    """JSON files to write (config, and tokenizer files the pad changes) and generated code (--portable)."""
+    json_files = {"config.json": config}
+    generated = {}
+    if options.portable:
+        from .modeling import PORTABLE_MODULE, portable_module
+
+        source = portable_module(ckpt.model_type, config["architectures"][0])
+        if source is not None:
+            generated[f"{PORTABLE_MODULE}.py"] = source.encode()
+            config["auto_map"] = {
+                **config.get("auto_map", {}),
+                "AutoModelForSequenceClassification": f"{PORTABLE_MODULE}.{config['architectures'][0]}",
+            }
+    if pad.token is not None and options.pad_token != "keep":
+        originals = {
+            "tokenizer.json": tok.tokenizer,
+            "tokenizer_config.json": tok.tokenizer_config,
+            "special_tokens_map.json": tok.special_tokens_map,
+        }
+        json_files.update({n: f for n, f in tok.with_pad(pad.token).items() if f != originals[n]})
+    if generation_config is not None and "pad_token_id" in generation_config and pad.id is not None:
+        json_files[GENERATION_CONFIG] = {**generation_config, "pad_token_id": pad.id}
+    return json_files, generated
+
+
 def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) -> Plan:
     """Decide the output of converting ``ckpt`` with ``options``; reads only headers and small files."""
     arch = registered.architecture
@@ -178,58 +253,22 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
         )
     new_vocab = math.ceil(max(vocab, tokens) / 8) * 8
     labels = HEADS[options.head]
+    dropped = arch.dropped(ckpt) | {head} & set(ckpt.tensors)
+    if embedding in dropped:
+        raise PluginError(f"architecture {arch.name!r} drops the input embedding {embedding}")
+
     emb = ckpt.tensors[embedding]
+    replaced = {}
+    if new_vocab > vocab:  # the old rows as they are, then the mean row for each new one
+        rows = Repeat(mean_row(emb, emb.dtype), new_vocab - vocab)
+        replaced[embedding] = OutTensor(
+            embedding, emb.dtype, (new_vocab, hidden), (*OutTensor.copy_of(emb).parts, rows)
+        )
     std = options.init_std if options.init_std is not None else default_init_std(hidden)
     score_dtype = existing.dtype if existing else emb.dtype
     parts, head_how = score_parts(existing, labels, hidden, score_dtype, std, options.seed, options.from_bt)
     score = OutTensor("score.weight", score_dtype, (labels, hidden), tuple(parts))
-    target = TORCH_NAMES[options.dtype] if options.dtype else None
-
-    # Per source shard: the tensors it keeps (a grown embedding replaces the old one), and whether it changed.
-    dropped = sorted(arch.dropped(ckpt) | {head} & set(ckpt.tensors))
-    if embedding in dropped:
-        raise PluginError(f"architecture {arch.name!r} drops the input embedding {embedding}")
-    grouped: list[list[OutTensor]] = []
-    changed: list[bool] = []
-    for shard in ckpt.shards:
-        kept = []
-        for info in sorted(shard.tensors.values(), key=lambda t: t.offset):
-            if info.name in dropped:
-                continue
-            tensor = OutTensor.copy_of(info)
-            if info.name == embedding and new_vocab > vocab:
-                extra = Repeat(mean_row(emb, emb.dtype), new_vocab - vocab)
-                tensor = OutTensor(info.name, emb.dtype, (new_vocab, hidden), (*tensor.parts, extra))
-            kept.append(tensor.as_dtype(target) if target else tensor)
-        grouped.append(kept)
-        changed.append(
-            len(kept) != len(shard.tensors)
-            or any(t.parts != OutTensor.copy_of(shard.tensors[t.name]).parts for t in kept)
-            or (shard.metadata or {}).get("format") != "pt"
-        )
-    # The head joins a shard that is rewritten anyway (where the old head or lm_head was), else the last one.
-    home = next((i for i, c in enumerate(changed) if c and grouped[i]), len(grouped) - 1)
-    while not grouped[home] and home > 0:
-        home -= 1
-    grouped[home].append(score.as_dtype(target) if target else score)
-    changed[home] = True
-
-    if options.max_shard_size:
-        layout_ = _reshard([t for group in grouped for t in group], options.max_shard_size)
-        sources: list[Header | None] = [None] * len(layout_)
-    else:
-        pairs = [(g, s if not c else None) for g, s, c in zip(grouped, ckpt.shards, changed) if g]
-        layout_, sources = [g for g, _ in pairs], [s for _, s in pairs]
-    names = _shard_names(len(layout_), ckpt.index is not None or len(layout_) > 1)
-    shards = {name: source or group for name, group, source in zip(names, layout_, sources)}
-    index = None
-    if len(names) > 1 or names[0] != SINGLE:
-        every = [t for group in layout_ for t in group]
-        metadata = {"total_size": sum(t.nbytes for t in every)}
-        if "total_parameters" in ((ckpt.index or {}).get("metadata") or {}):
-            metadata["total_parameters"] = sum(math.prod(t.shape) for t in every)
-        weight_map = {t.name: name for name, group in zip(names, layout_) for t in group}
-        index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+    shards, index = _plan_shards(ckpt, dropped, replaced, score, options)
 
     config = _output_config(ckpt, registered, labels, new_vocab, pad, options.dtype)
     problems = schema_errors(config, arch.schema)
@@ -237,17 +276,8 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
         raise CheckpointError(
             f"the converted config would not satisfy {arch.schema.name}: {problems[0]}", ckpt.config_path
         )
-    json_files = {"config.json": config}
-    if pad.token is not None and options.pad_token != "keep":
-        originals = {
-            "tokenizer.json": tok.tokenizer,
-            "tokenizer_config.json": tok.tokenizer_config,
-            "special_tokens_map.json": tok.special_tokens_map,
-        }
-        json_files.update({n: f for n, f in tok.with_pad(pad.token).items() if f != originals[n]})
-    if generation_config is not None and "pad_token_id" in generation_config and pad.id is not None:
-        json_files[GENERATION_CONFIG] = {**generation_config, "pad_token_id": pad.id}
-    skip = set(json_files) | {INDEX, MANIFEST}
+    json_files, generated = _plan_json(ckpt, config, tok, generation_config, pad, options)
+    skip = set(json_files) | set(generated) | {INDEX, MANIFEST}
     copies = sorted(
         p.name
         for p in ckpt.path.iterdir()
@@ -264,8 +294,8 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
         "pad": {"token": pad.token, "id": pad.id, "action": pad.action},
         "vocab": {"from": vocab, "to": new_vocab, "tokenizer": tokens, "added_rows": new_vocab - vocab},
         "dtype": options.dtype or "unchanged",
-        "dropped": dropped,
-        "files": sorted([*shards, *json_files, *copies, *([INDEX] if index else []), MANIFEST]),
+        "dropped": sorted(dropped),
+        "files": sorted([*shards, *json_files, *generated, *copies, *([INDEX] if index else []), MANIFEST]),
         "whole_file_copies": sorted(name for name, shard in shards.items() if isinstance(shard, Header)),
         "warnings": list(pad.warnings),
     }
@@ -273,11 +303,19 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
         report["warnings"].append(
             f"kept pad {pad.token!r} (id {pad.id}) of the reward model: changing it would move where rewards are read"
         )
-    return Plan(ckpt, registered, json_files, shards, index, copies, report)
+    return Plan(ckpt, registered, json_files, generated, shards, index, copies, report)
 
 
 def _sha256(path: Path, stop: threading.Event) -> str | None:
-    """``sha256:<hex>`` of a file (its Hugging Face LFS oid), or None once ``stop`` is set."""
+    """``sha256:<hex>`` of a file (its Hugging Face LFS oid), or None once ``stop`` is set.
+
+    A file of a Hugging Face cache snapshot links to ``blobs/<sha256>`` when it is an LFS file: the name
+    is the hash, verified by the download, and nothing is read.
+    """
+    if path.is_symlink():
+        blob = path.resolve()
+        if blob.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", blob.name):
+            return "sha256:" + blob.name
     digest, buffer = hashlib.sha256(), bytearray(1 << 20)
     view = memoryview(buffer)
     with open(path, "rb") as f:
@@ -333,60 +371,72 @@ def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
 
 
 def write_plan(plan: Plan, out: Path, options: Options, link: bool = False, progress=None) -> dict[str, int]:
-    """Write every file of ``plan`` into the empty directory ``out``; returns how each shard was written."""
+    """Write every file of ``plan`` into the empty directory ``out``; returns how many shards were written how.
+
+    Two workers (this machine class has two cores) copy shards and hash the sources; on an error,
+    Ctrl-C or SIGTERM they stop at their next chunk, so nothing runs on after the staging dir is removed.
+    """
     ckpt = plan.checkpoint
     read = [s.path.name for s in ckpt.shards] + plan.copies + [n for n in plan.json_files if (ckpt.path / n).exists()]
     read += [INDEX] if ckpt.index is not None else []
-    methods = {"copied": 0, "assembled": 0, "reflink": 0, "hardlink": 0}
     stop = threading.Event()
-    with ThreadPoolExecutor(max_workers=1) as pool:  # hash the sources on the second core while copying
-        hashes = {name: pool.submit(_sha256, ckpt.path / name, stop) for name in sorted(set(read))}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        writes = {
+            pool.submit(_write_shard, out / name, shard, ckpt, link, stop): name for name, shard in plan.shards.items()
+        }
+        writes |= {pool.submit(_write_copy, out / name, ckpt.path / name, stop): name for name in plan.copies}
+        # queued after the copies, so a shard is hashed from the page cache its copy just filled
+        hashed = sorted(set(read)) if options.hash_sources else []
+        hashes = {name: pool.submit(_sha256, ckpt.path / name, stop) for name in hashed}
         try:
-            _write_files(plan, out, link, progress, methods)
+            methods = {"copied": 0, "assembled": 0, "reflink": 0, "hardlink": 0}
+            for future in as_completed(writes):
+                method = future.result()
+                if method in methods:
+                    methods[method] += 1
+                    if progress:
+                        progress(f"[{sum(methods.values())}/{len(plan.shards)}] {writes[future]}")
             digests = {name: future.result() for name, future in hashes.items()}
-        except BaseException:  # an error, Ctrl-C or SIGTERM: stop hashing now, not after the last shard
+        except BaseException:  # an error, Ctrl-C or SIGTERM: stop every worker now
             stop.set()
             pool.shutdown(cancel_futures=True)
             raise
+    for name, obj in plan.json_files.items():
+        write_file(out / name, _dump(dict(sorted(obj.items())) if name == "config.json" else obj))
+    for name, data in plan.generated.items():
+        write_file(out / name, data)
+    if plan.index is not None:
+        write_file(out / INDEX, _dump(plan.index))
     write_file(out / MANIFEST, _dump(_manifest(plan, options, digests)))
     return methods
 
 
-def _write_files(plan: Plan, out: Path, link: bool, progress, methods: dict[str, int]) -> None:
-    """Write shards, copied files, JSON files and the index (everything but the manifest)."""
-    ckpt = plan.checkpoint
-    copier = Copier()
+def _write_shard(target: Path, shard: Header | list[OutTensor], ckpt: Checkpoint, link: bool, stop) -> str:
+    """Write one shard: linked or copied whole when unchanged, else assembled; returns which."""
+    if isinstance(shard, Header) and link:
+        method = _link(shard.path, target)
+        if method:
+            return method
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
-        for i, (name, shard) in enumerate(plan.shards.items(), 1):
-            if progress:
-                progress(f"[{i}/{len(plan.shards)}] {name}")
-            method = _link(shard.path, out / name) if link and isinstance(shard, Header) else None
-            if method:
-                methods[method] += 1
-                continue
-            fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-            try:
-                if isinstance(shard, Header):
-                    copier.write_parts(fd, [ByteRange(shard.path, 0, shard.size)])
-                    methods["copied"] += 1
-                else:
-                    header, ordered = layout(shard, _metadata(ckpt, shard))
-                    copier.write_parts(fd, [header] + [p for t in ordered for p in t.parts])
-                    methods["assembled"] += 1
-            finally:
-                os.close(fd)
-        for name in plan.copies:
-            fd = os.open(out / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-            try:
-                copier.write_parts(fd, [ByteRange(ckpt.path / name, 0, (ckpt.path / name).stat().st_size)])
-            finally:
-                os.close(fd)
+        if isinstance(shard, Header):
+            write_parts(fd, [ByteRange(shard.path, 0, shard.size)], stop)
+            return "copied"
+        header, ordered = layout(shard, _metadata(ckpt, shard))
+        write_parts(fd, [header] + [p for t in ordered for p in t.parts], stop)
+        return "assembled"
     finally:
-        copier.close()
-    for name, obj in plan.json_files.items():
-        write_file(out / name, _dump(dict(sorted(obj.items())) if name == "config.json" else obj))
-    if plan.index is not None:
-        write_file(out / INDEX, _dump(plan.index))
+        os.close(fd)
+
+
+def _write_copy(target: Path, source: Path, stop) -> str:
+    """Copy a file that needs no change (tokenizer model, chat template, README, ...)."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        write_parts(fd, [ByteRange(source, 0, source.stat().st_size)], stop)
+    finally:
+        os.close(fd)
+    return "file"
 
 
 def _metadata(ckpt: Checkpoint, tensors: list[OutTensor]) -> dict[str, str]:

@@ -92,12 +92,15 @@ class Registry:
         return chosen
 
 
-def _origin(plugin, distributions: dict[str, list[str]]) -> tuple[str, str]:
+def _origin(plugin, entry_points: dict[str, metadata.Distribution]) -> tuple[str, str]:
     """(distribution, version) that installed a plugin object, or ("(in-process)", "")."""
     module = plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__
-    for dist in distributions.get(module.split(".")[0], []):
-        return dist, metadata.version(dist)
-    return "(in-process)", ""
+    if module.startswith("rmconvert."):
+        from . import __version__
+
+        return "rmconvert", __version__
+    dist = entry_points.get(module)
+    return (dist.name, dist.version) if dist else ("(in-process)", "")
 
 
 def get_plugin_manager(autoload: bool | None = None) -> pluggy.PluginManager:
@@ -135,7 +138,7 @@ def load_registry(pm: pluggy.PluginManager | None = None) -> Registry:
     """Call every plugin's hooks with a ``register`` bound to that plugin; collect what they register."""
     pm = pm or get_plugin_manager()
     check_pending(pm)  # plugins registered in-process after get_plugin_manager() are checked too
-    distributions = metadata.packages_distributions()
+    distributions = {ep.module: ep.dist for ep in metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.dist}
     registry = Registry()
     for impl in pm.hook.rmconvert_register_architectures.get_hookimpls():
         dist, version = _origin(impl.plugin, distributions)

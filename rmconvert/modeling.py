@@ -96,3 +96,29 @@ def register_sequence_classification_class(model_type: str, class_name: str) -> 
         AutoModelForSequenceClassification.register(config_class, cls, exist_ok=True)
         _BUILT[model_type] = cls
     return _BUILT[model_type]
+
+
+PORTABLE_MODULE = "modeling_rmconvert"
+
+
+def portable_module(model_type: str, class_name: str) -> str | None:
+    """Source of a modeling file defining ``class_name`` for ``--portable``; None when transformers has
+    a native class (the checkpoint then needs no code)."""
+    if native_class_name(model_type):
+        return None
+    backbone, pretrained = _backbone_classes(model_type)
+    return f'''"""Written by rmconvert --portable: {class_name}, the reward-model class of {model_type!r}.
+
+Load with AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True), or without
+remote code through rmconvert.load_reward_model(path).
+"""
+
+from transformers.modeling_layers import GenericForSequenceClassification
+from {pretrained.__module__} import {pretrained.__name__}
+from {backbone.config_class.__module__} import {backbone.config_class.__name__}
+
+
+class {class_name}(GenericForSequenceClassification, {pretrained.__name__}):
+    base_model_prefix = "{backbone_prefix(model_type)}"
+    config_class = {backbone.config_class.__name__}
+'''

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .errors import CheckpointError
 
 MAX_HEADER = 100_000_000  # the reference reader's limit
 CAST_CHUNK = 16 << 20  # bytes read at a time when casting
+COPY_CHUNK = 256 << 20  # bytes per kernel copy between checks for an interrupt
 #: Bits per element of every safetensors dtype.
 DTYPE_BITS = {
     "BOOL": 8,
@@ -290,60 +292,59 @@ def _fd_path(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
-class Copier:
-    """Writes output files from parts, merging adjacent byte ranges, with source files opened once."""
+class Stopped(Exception):
+    """Raised inside a writer thread when the run was stopped (error elsewhere, Ctrl-C, SIGTERM)."""
 
-    def __init__(self):
-        self._fds: dict[Path, int] = {}
-        self.bytes_copied = 0
-        self.bytes_written = 0
 
-    def _fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+def _merged(parts) -> list:
+    """Parts with adjacent byte ranges of the same file merged into one."""
+    merged: list = []
+    for part in parts:
+        last = merged[-1] if merged else None
+        adjacent = isinstance(last, ByteRange) and last.path == getattr(part, "path", None)
+        if isinstance(part, ByteRange) and adjacent and last.offset + last.length == part.offset:
+            merged[-1] = ByteRange(part.path, last.offset, last.length + part.length)
+            continue
+        merged.append(part)
+    return merged
 
-    def write_parts(self, dst_fd: int, parts) -> None:
-        """Append parts (ByteRange or bytes) to ``dst_fd`` in order."""
-        pending: ByteRange | None = None
-        for part in list(parts) + [None]:
-            if (
-                isinstance(part, ByteRange)
-                and pending
-                and pending.path == part.path
-                and (pending.offset + pending.length == part.offset)
-            ):
-                pending = ByteRange(part.path, pending.offset, pending.length + part.length)
-                continue
-            if pending is not None:
-                copy_range(self._fd(pending.path), dst_fd, pending.offset, pending.length)
-                self.bytes_copied += pending.length
-                pending = None
+
+def write_parts(dst_fd: int, parts, stop: threading.Event | None = None) -> None:
+    """Append parts to ``dst_fd`` in order: byte ranges copied by the kernel, casts and repeats in bounded
+    chunks; checks ``stop`` between chunks so that an interrupted run ends promptly."""
+    from .dtypes import cast
+
+    fds: dict[Path, int] = {}
+
+    def fd_of(path: Path) -> int:
+        if path not in fds:
+            fds[path] = os.open(path, os.O_RDONLY)
+        return fds[path]
+
+    def check() -> None:
+        if stop is not None and stop.is_set():
+            raise Stopped
+
+    try:
+        for part in _merged(parts):
             if isinstance(part, ByteRange):
-                pending = part
+                for start in range(0, part.length, COPY_CHUNK):
+                    check()
+                    copy_range(fd_of(part.path), dst_fd, part.offset + start, min(COPY_CHUNK, part.length - start))
             elif isinstance(part, Cast):
-                self._write_cast(dst_fd, part)
+                src = part.source
+                step = CAST_CHUNK - CAST_CHUNK % (DTYPE_BITS[part.from_dtype] // 8)
+                for start in range(0, src.length, step):
+                    check()
+                    raw = os.pread(fd_of(src.path), min(step, src.length - start), src.offset + start)
+                    write_all(dst_fd, cast(raw, part.from_dtype, part.to_dtype))
             elif isinstance(part, Repeat):
                 per_chunk = max(1, CAST_CHUNK // max(len(part.row), 1))
                 for start in range(0, part.count, per_chunk):
+                    check()
                     write_all(dst_fd, part.row * min(per_chunk, part.count - start))
-                self.bytes_written += part.length
-            elif part is not None:
+            else:
                 write_all(dst_fd, part)
-                self.bytes_written += len(part)
-
-    def _write_cast(self, dst_fd: int, part: Cast) -> None:
-        from .dtypes import cast
-
-        fd, src = self._fd(part.source.path), part.source
-        step = CAST_CHUNK - CAST_CHUNK % (DTYPE_BITS[part.from_dtype] // 8)
-        for start in range(0, src.length, step):
-            raw = os.pread(fd, min(step, src.length - start), src.offset + start)
-            out = cast(raw, part.from_dtype, part.to_dtype)
-            write_all(dst_fd, out)
-            self.bytes_written += len(out)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
+    finally:
+        for fd in fds.values():
             os.close(fd)
-        self._fds.clear()

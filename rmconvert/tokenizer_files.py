@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,8 +88,8 @@ class TokenizerFiles:
 
     def with_pad(self, token: str) -> dict[str, dict]:
         """Patched copies of the files, keyed by file name, that make ``token`` the pad (added if new)."""
-        tokenizer = copy.deepcopy(self.tokenizer)
-        tokenizer_config = copy.deepcopy(self.tokenizer_config)
+        tokenizer = dict(self.tokenizer)  # shallow copies: only the parts that change are replaced
+        tokenizer_config = dict(self.tokenizer_config)
         token_id = self.ids.get(token)
         if token_id is None:
             token_id = len(self)
@@ -103,16 +102,19 @@ class TokenizerFiles:
                 "normalized": False,
                 "special": True,
             }
-            tokenizer["added_tokens"].append(entry)
+            tokenizer["added_tokens"] = [*tokenizer["added_tokens"], entry]
             if isinstance(tokenizer_config.get("added_tokens_decoder"), dict):
                 decoder_entry = {k: v for k, v in entry.items() if k != "id"}
-                tokenizer_config["added_tokens_decoder"][str(token_id)] = decoder_entry
+                tokenizer_config["added_tokens_decoder"] = {
+                    **tokenizer_config["added_tokens_decoder"],
+                    str(token_id): decoder_entry,
+                }
         if isinstance(tokenizer.get("padding"), dict):
-            tokenizer["padding"].update(pad_id=token_id, pad_token=token)
+            tokenizer["padding"] = {**tokenizer["padding"], "pad_id": token_id, "pad_token": token}
         tokenizer_config["pad_token"] = _replace_content(tokenizer_config.get("pad_token"), token)
         files = {TOKENIZER: tokenizer, TOKENIZER_CONFIG: tokenizer_config}
         if self.special_tokens_map is not None:
-            special = copy.deepcopy(self.special_tokens_map)
+            special = dict(self.special_tokens_map)
             special["pad_token"] = _replace_content(special.get("pad_token"), token)
             files[SPECIAL_TOKENS_MAP] = special
         return files

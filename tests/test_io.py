@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -123,3 +125,23 @@ def test_size_parser():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size("1000") == 1000
     with pytest.raises(Exception, match="not a size"):
         parse_size("five gigs")
+
+
+def test_converting_a_llama_imports_neither_torch_nor_transformers(build, tmp_path):
+    """The hot path is headers, byte copies and numpy: torch and transformers cost seconds to import."""
+    code = (
+        "import sys\n"
+        "from rmconvert.cli import main\n"
+        "sys.argv = ['rmconvert', 'convert', sys.argv[1], sys.argv[2]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    src = build("llama2")
+    command = [sys.executable, "-c", code, str(src), str(tmp_path / "rm")]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "rm" / "model.safetensors").exists()

@@ -1,0 +1,62 @@
+"""Families without a native sequence classifier, --portable, and the coverage script on a representative subset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rmconvert import convert, validate
+from rmconvert.coverage import check, main
+from rmconvert.modeling import decoder_only_model_types, native_class_name
+
+#: A dense Llama-like, an MoE, absolute positions with tied weights, an LM head under another name, and
+#: three families that transformers has no sequence classifier for.
+SUBSET = ("mistral", "qwen3_moe", "gpt2", "gpt_neox", "granite", "glm4_moe", "cohere")
+
+
+def test_the_subset_covers_families_without_a_native_class():
+    assert {t for t in SUBSET if not native_class_name(t)} >= {"granite", "glm4_moe"}
+    assert set(SUBSET) <= decoder_only_model_types()
+    assert not {"bert", "bart", "t5"} & decoder_only_model_types()
+
+
+@pytest.mark.parametrize("model_type", SUBSET)
+def test_each_family_converts_loads_and_scores_padded_batches(model_type, tmp_path):
+    outcome, detail = check(model_type, tmp_path)
+    assert (outcome, detail.split(":")[0]) == ("ok", "generic"), detail
+
+
+def test_coverage_report_counts_and_lists_exceptions(capsys):
+    main(["gpt2", "granite", "bert"])  # bert builds, but is no decoder-only reward-model backbone
+    out = capsys.readouterr().out
+    assert "2 of 3 buildable decoder-only model types convert and load (66.7%)" in out
+    assert "| bert | failed | CheckpointError: " in out and "| gpt2 |" not in out
+
+
+def test_portable_checkpoint_loads_with_remote_code_and_without_rmconvert(build, tmp_path):
+    convert(build("olmoe"), tmp_path / "rm", portable=True)
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoModelForSequenceClassification": "modeling_rmconvert.OlmoeForSequenceClassification"
+    }
+    code = (
+        "import sys\n"
+        "from transformers import AutoModelForSequenceClassification as A\n"
+        f"m, info = A.from_pretrained({str(tmp_path / 'rm')!r}, trust_remote_code=True, output_loading_info=True)\n"
+        "assert not any(info.values()), info\n"
+        "assert 'rmconvert' not in sys.modules\n"
+        "print(type(m).__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "OlmoeForSequenceClassification"
+    assert {f.code for f in validate(tmp_path / "rm")} == {"RM004"}  # names remote code: reported, never run
+
+
+def test_portable_writes_no_code_for_a_native_class(build, tmp_path):
+    report = convert(build("qwen2"), tmp_path / "rm", portable=True)
+    assert "modeling_rmconvert.py" not in report["files"]
+    assert "auto_map" not in json.loads((tmp_path / "rm" / "config.json").read_text())
