@@ -79,6 +79,9 @@ class Architecture:
         """Names of ``ckpt``'s tensors that have no place in the reward model (the LM head, ...)."""
         return {n for n in ckpt.tensors if n.startswith(self.lm_head_prefixes + self.drop_prefixes)}
 
+    def output_config(self, config: dict) -> None:
+        """Adjust the reward model's config.json in place, after the engine's own changes (default: none)."""
+
     def register_with_transformers(self, model_type: str) -> type:
         """Make ``AutoModelForSequenceClassification`` load ``model_type``; returns the class."""
         from .modeling import register_sequence_classification_class

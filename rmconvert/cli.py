@@ -209,11 +209,14 @@ def plugins(as_json):
     if as_json:
         _echo_json(rows)
         return
+    table = [("ARCHITECTURE", "PLUGIN", "DISTRIBUTION", "MODEL TYPES")]
     for row in rows:
-        types = (
-            ", ".join(row["model_types"]) if len(row["model_types"]) <= 4 else f"{len(row['model_types'])} model types"
-        )
-        click.echo(f"{row['architecture']:10} {row['plugin']:28} {row['distribution']} {row['version']}  {types}")
+        types = row["model_types"]
+        shown = ", ".join(types) if len(types) <= 4 else f"{len(types)} model types (--json lists them)"
+        table.append((row["architecture"], row["plugin"], f"{row['distribution']} {row['version']}".strip(), shown))
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    for r in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
 
 
 @cli.command()

@@ -8,6 +8,8 @@ Markdown summary: the count, and each exception with its reason.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import tempfile
 import warnings
 from pathlib import Path
@@ -18,13 +20,18 @@ def _reason(exc: BaseException) -> str:
 
 
 def check(model_type: str, root: Path) -> tuple[str, str]:
-    """(outcome, detail) for one model_type: outcome is ok, unbuildable or failed."""
+    """(outcome, detail) for one model_type: ok, unbuildable (no tiny causal LM that runs) or failed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from .engine import convert
     from .testing import build_checkpoint
     from .validation import ERROR, validate
 
     try:
         source = build_checkpoint(model_type, root / model_type)
+        with torch.no_grad():
+            AutoModelForCausalLM.from_pretrained(source)(torch.tensor([[5, 6, 7]]), use_cache=False)
     except Exception as exc:  # noqa: BLE001 (a family the tiny builder cannot make is reported, not fatal)
         return "unbuildable", _reason(exc)
     try:
@@ -37,30 +44,61 @@ def check(model_type: str, root: Path) -> tuple[str, str]:
     return "ok", f"{report['architecture']}: {report['class']}"
 
 
+def _child(model_type: str, root: Path, memory: int, conn) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    try:
+        conn.send(check(model_type, root))
+    except BaseException as exc:  # noqa: BLE001 (MemoryError and the like end up in the report)
+        conn.send(("unbuildable", f"crashed: {_reason(exc)}"))
+
+
+def _check_in_child(model_type: str, root: Path, memory: int, seconds: int) -> tuple[str, str]:
+    """``check`` in a forked process with bounded memory and time (some "tiny" configs are not tiny).
+
+    Forked from a process that has imported torch and transformers already, so each check starts warm.
+    """
+    receive, send = multiprocessing.Pipe(duplex=False)
+    worker = multiprocessing.get_context("fork").Process(target=_child, args=(model_type, root, memory, send))
+    worker.start()
+    if not receive.poll(seconds):
+        worker.kill()
+        worker.join()
+        return "unbuildable", f"took more than {seconds} s"
+    result = receive.recv()
+    worker.join()
+    return tuple(result)
+
+
 def main(argv=None) -> None:
     from transformers.utils import logging
 
-    from .modeling import decoder_only_model_types
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_types", nargs="*", help="default: every decoder-only model_type")
+    parser.add_argument("--memory-gib", type=int, default=8, help="memory limit of each check (default 8)")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds allowed for each check (default 300)")
     args = parser.parse_args(argv)
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     warnings.simplefilter("ignore")
+    import torch  # noqa: F401  (imported once here: every forked check starts with it loaded)
+
+    from .modeling import decoder_only_model_types
+
     types = args.model_types or sorted(decoder_only_model_types())
     results = {}
     with tempfile.TemporaryDirectory(prefix="rmconvert-coverage-") as tmp:
         for model_type in types:
-            results[model_type] = check(model_type, Path(tmp))
+            results[model_type] = _check_in_child(model_type, Path(tmp), args.memory_gib << 30, args.timeout)
             print(f"{model_type:32} {results[model_type][0]:12} {results[model_type][1]}", flush=True)
     import transformers
 
     buildable = {t: r for t, r in results.items() if r[0] != "unbuildable"}
     ok = [t for t, r in buildable.items() if r[0] == "ok"]
-    print(f"\ntransformers {transformers.__version__}: {len(ok)} of {len(buildable)} buildable decoder-only model types"
-          f" convert and load ({100 * len(ok) / max(len(buildable), 1):.1f}%); {len(results) - len(buildable)} could"
-          " not be built tiny.\n")  # fmt: skip
+    print(
+        f"\ntransformers {transformers.__version__}: {len(ok)} of {len(buildable)} buildable decoder-only model types"
+        f" convert and load ({100 * len(ok) / max(len(buildable), 1):.1f}%); {len(results) - len(buildable)} could"
+        " not be built tiny.\n"
+    )
     print("| model_type | outcome | reason |\n|---|---|---|")
     for model_type, (outcome, detail) in sorted(results.items()):
         if outcome != "ok":

@@ -143,6 +143,7 @@ def _output_config(ckpt: Checkpoint, registered: Registered, labels: int, vocab:
         for key in ("dtype", "torch_dtype"):
             if dtype and key in target:
                 target[key] = dtype
+    arch.output_config(config)
     return config
 
 
@@ -381,14 +382,15 @@ def write_plan(plan: Plan, out: Path, options: Options, link: bool = False, prog
     read += [INDEX] if ckpt.index is not None else []
     stop = threading.Event()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        writes = {
-            pool.submit(_write_shard, out / name, shard, ckpt, link, stop): name for name, shard in plan.shards.items()
-        }
-        writes |= {pool.submit(_write_copy, out / name, ckpt.path / name, stop): name for name in plan.copies}
-        # queued after the copies, so a shard is hashed from the page cache its copy just filled
-        hashed = sorted(set(read)) if options.hash_sources else []
-        hashes = {name: pool.submit(_sha256, ckpt.path / name, stop) for name in hashed}
-        try:
+        try:  # from the first submit on: a signal that lands between two submits must stop the workers too
+            writes = {
+                pool.submit(_write_shard, out / name, shard, ckpt, link, stop): name
+                for name, shard in plan.shards.items()
+            }
+            writes |= {pool.submit(_write_copy, out / name, ckpt.path / name, stop): name for name in plan.copies}
+            # queued after the copies, so a shard is hashed from the page cache its copy just filled
+            hashed = sorted(set(read)) if options.hash_sources else []
+            hashes = {name: pool.submit(_sha256, ckpt.path / name, stop) for name in hashed}
             methods = {"copied": 0, "assembled": 0, "reflink": 0, "hardlink": 0}
             for future in as_completed(writes):
                 method = future.result()

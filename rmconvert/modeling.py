@@ -16,11 +16,20 @@ def _mappings():
 
 
 def decoder_only_model_types() -> set[str]:
-    """model_types with a causal-LM class and no masked-LM or encoder-decoder class (bert and bart have a
-    ``*ForCausalLM`` too, but their sequence classifiers are not a ``score`` head on the last token)."""
+    """model_types with a causal-LM class, no masked-LM or encoder-decoder class (bert and bart have a
+    ``*ForCausalLM`` too, but their sequence classifiers are not a ``score`` head on the last token), and a
+    sequence classifier or a backbone to build one on."""
     auto = _mappings()
     others = set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
-    return set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - others
+    buildable = {t for t in auto.MODEL_MAPPING_NAMES if (_backbone_name(t) or "").endswith("Model")}
+    classifiable = set(auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) | buildable
+    return (set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - others) & classifiable
+
+
+def _backbone_name(model_type: str) -> str | None:
+    """The ``AutoModel`` class name of a model_type (the first, where transformers lists several)."""
+    names = _mappings().MODEL_MAPPING_NAMES.get(model_type)
+    return names[0] if isinstance(names, (tuple, list)) else names
 
 
 def config_attribute_map(model_type: str) -> dict[str, str]:
@@ -43,7 +52,7 @@ def sequence_classification_class_name(model_type: str) -> str:
     native = native_class_name(model_type)
     if native:
         return native
-    backbone = _mappings().MODEL_MAPPING_NAMES.get(model_type)
+    backbone = _backbone_name(model_type)
     if not backbone or not backbone.endswith("Model"):
         raise CheckpointError(f"transformers has no backbone class for model_type {model_type!r}")
     return backbone[: -len("Model")] + "ForSequenceClassification"
@@ -54,7 +63,7 @@ def _backbone_classes(model_type: str) -> tuple[type, type]:
     import transformers
     from transformers.modeling_utils import PreTrainedModel
 
-    backbone = getattr(transformers, _mappings().MODEL_MAPPING_NAMES[model_type])
+    backbone = getattr(transformers, _backbone_name(model_type))
     return backbone, next(c for c in backbone.__mro__ if PreTrainedModel in c.__bases__)
 
 

@@ -29,7 +29,7 @@ def _load(subject: Subject, path: Path, causal: bool = False):
 
     if causal:
         return AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, trust_remote_code=False)
-    return load_reward_model(path, output_loading_info=True, trust_remote_code=False)
+    return load_reward_model(path, output_loading_info=True, trust_remote_code=False, registry=subject.registry)
 
 
 def _probe_ids(path: Path):
@@ -68,11 +68,11 @@ def loaded(s: Subject) -> list[Finding]:
     model.eval()
     tok, singles = _probe_ids(s.path)
     with torch.no_grad():
-        alone = torch.cat([model(ids).logits for ids in singles])
+        alone = torch.cat([model(ids, use_cache=False).logits for ids in singles])
         for side in ("right", "left"):
             tok.padding_side = side
             batch = tok(list(PROBE_TEXTS), return_tensors="pt", padding=True)
-            batched = model(**batch, position_ids=positions(batch["attention_mask"])).logits
+            batched = model(**batch, position_ids=positions(batch["attention_mask"]), use_cache=False).logits
             if not torch.allclose(batched, alone, atol=_tolerance(model.dtype), rtol=_tolerance(model.dtype)):
                 worst = (batched - alone).abs().max().item()
                 findings.append(
@@ -136,14 +136,14 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
     findings = []
     with torch.no_grad():
         for ids in singles:
-            a = ours(ids, output_hidden_states=True).hidden_states[-1]
-            b = theirs(ids, output_hidden_states=True).hidden_states[-1]
+            a = ours(ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
+            b = theirs(ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
             if not torch.equal(a, b):
                 diff = (a.float() - b.float()).abs().max().item()
                 return [s.finding("RM122", s.weights_file, "", f"max difference {diff:.3g}")]
         if source_is_rm:
-            r_ours = torch.cat([ours(ids).logits for ids in singles])
-            r_theirs = torch.cat([theirs(ids).logits for ids in singles])
+            r_ours = torch.cat([ours(ids, use_cache=False).logits for ids in singles])
+            r_theirs = torch.cat([theirs(ids, use_cache=False).logits for ids in singles])
             if not _rewards_agree(r_ours, r_theirs, _tolerance(ours.dtype)):
                 findings.append(s.finding("RM123", s.weights_file, "score.weight", "rewards disagree"))
     return findings

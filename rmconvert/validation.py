@@ -149,6 +149,7 @@ class Subject:
     tokenizer: TokenizerFiles | None
     tokenizer_error: CheckpointError | None
     generation_config: dict | None
+    registry: Registry
 
     @property
     def config(self) -> dict:
@@ -183,9 +184,8 @@ def _read(path: Path, registry: Registry) -> Subject:
     except CheckpointError as exc:
         tokenizer, tokenizer_error = None, exc
     generation_config = read_json(path / "generation_config.json", required=False)
-    return Subject(
-        path, ckpt, registered.architecture if registered else None, tokenizer, tokenizer_error, generation_config
-    )
+    architecture = registered.architecture if registered else None
+    return Subject(path, ckpt, architecture, tokenizer, tokenizer_error, generation_config, registry)
 
 
 def validate(
