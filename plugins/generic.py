@@ -4,11 +4,14 @@ Claims only what no specific plugin claims. The embedding is found by shape, so 
 keep it at ``model.embed_tokens`` (e.g. ``transformer.wte``) convert too.
 """
 
+import re
 from functools import cached_property
 
 from rmconvert import Architecture, hookimpl
 from rmconvert.checkpoint import text_config
 from rmconvert.errors import CheckpointError
+
+OUTPUT_HEAD = re.compile(r"(^|\.)(lm_head|embed_out|unembed|output|head)\.")
 
 
 class Generic(Architecture):
@@ -32,18 +35,21 @@ class Generic(Architecture):
         return tc.get(alias) if alias else None
 
     def dropped(self, ckpt):
-        """Everything outside the backbone: a sequence classifier is the backbone plus ``score``."""
-        from rmconvert.modeling import backbone_prefix
-
-        prefix = backbone_prefix(ckpt.model_type) + "."
-        return super().dropped(ckpt) | {n for n in ckpt.tensors if not n.startswith(prefix) and n != "score.weight"}
+        """Everything outside the backbone (where the embedding is): a classifier is the backbone plus ``score``."""
+        prefix = self.embedding_name(ckpt).split(".")[0] + "."
+        outside = {n for n in ckpt.tensors if not n.startswith(prefix) or OUTPUT_HEAD.search(n)}
+        return super().dropped(ckpt) | outside - {"score.weight"}
 
     def embedding_name(self, ckpt):
+        """The one [vocab_size, H] tensor that is not an output head (``lm_head``, ``embed_out``, ``unembed``)."""
         if self.embedding in ckpt.tensors:
             return self.embedding
         vocab = text_config(ckpt.config).get("vocab_size")
-        dropped = self.dropped(ckpt)
-        found = [n for n, t in ckpt.tensors.items() if len(t.shape) == 2 and t.shape[0] == vocab and n not in dropped]
+        found = [
+            n
+            for n, t in ckpt.tensors.items()
+            if len(t.shape) == 2 and t.shape[0] == vocab and not OUTPUT_HEAD.search(n) and n != "score.weight"
+        ]
         if len(found) != 1:
             raise CheckpointError(f"cannot tell the input embedding among {found} of [vocab_size, H]", ckpt.path)
         return found[0]

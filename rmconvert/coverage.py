@@ -44,7 +44,16 @@ def check(model_type: str, root: Path) -> tuple[str, str]:
     return "ok", f"{report['architecture']}: {report['class']}"
 
 
+_CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(["torch", "transformers", "rmconvert.engine", "rmconvert.validation"])
+
+
 def _child(model_type: str, root: Path, memory: int, conn) -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    warnings.simplefilter("ignore")
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     try:
         conn.send(check(model_type, root))
@@ -53,12 +62,13 @@ def _child(model_type: str, root: Path, memory: int, conn) -> None:
 
 
 def _check_in_child(model_type: str, root: Path, memory: int, seconds: int) -> tuple[str, str]:
-    """``check`` in a forked process with bounded memory and time (some "tiny" configs are not tiny).
+    """``check`` in a child process with bounded memory and time (some "tiny" configs are not tiny).
 
-    Forked from a process that has imported torch and transformers already, so each check starts warm.
+    Children fork from a fork server that has imported torch and transformers but run nothing (forking a
+    process whose torch threads have run can deadlock), so each check starts warm and safe.
     """
     receive, send = multiprocessing.Pipe(duplex=False)
-    worker = multiprocessing.get_context("fork").Process(target=_child, args=(model_type, root, memory, send))
+    worker = _CONTEXT.Process(target=_child, args=(model_type, root, memory, send))
     worker.start()
     if not receive.poll(seconds):
         worker.kill()
@@ -80,8 +90,6 @@ def main(argv=None) -> None:
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     warnings.simplefilter("ignore")
-    import torch  # noqa: F401  (imported once here: every forked check starts with it loaded)
-
     from .modeling import decoder_only_model_types
 
     types = args.model_types or sorted(decoder_only_model_types())

@@ -16,14 +16,22 @@ def _mappings():
 
 
 def decoder_only_model_types() -> set[str]:
-    """model_types with a causal-LM class, no masked-LM or encoder-decoder class (bert and bart have a
-    ``*ForCausalLM`` too, but their sequence classifiers are not a ``score`` head on the last token), and a
+    """Text-only model_types with a causal-LM class, no masked-LM or encoder-decoder class (bert and bart have
+    a ``*ForCausalLM`` too, but their sequence classifiers are not a ``score`` head on the last token), and a
     sequence classifier or a backbone to build one on."""
     auto = _mappings()
     others = set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+    others |= set(auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES) | _multimodal(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     buildable = {t for t in auto.MODEL_MAPPING_NAMES if (_backbone_name(t) or "").endswith("Model")}
     classifiable = set(auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) | buildable
     return (set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - others) & classifiable
+
+
+def _multimodal(model_types) -> set[str]:
+    """model_types whose config nests other configs (vision, audio, a text model inside)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return {t for t in model_types if t in CONFIG_MAPPING and getattr(CONFIG_MAPPING[t], "sub_configs", None)}
 
 
 def _backbone_name(model_type: str) -> str | None:
@@ -73,18 +81,20 @@ def backbone_prefix(model_type: str) -> str:
 
 
 def build_sequence_classification_class(model_type: str, class_name: str) -> type:
-    """A ``GenericForSequenceClassification`` over the family's backbone: ``<prefix>.*`` + ``score``."""
-    from transformers.modeling_layers import GenericForSequenceClassification
+    """A :class:`ScoreForSequenceClassification` over the family's backbone: ``<prefix>.*`` + ``score``."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    backbone, pretrained = _backbone_classes(model_type)
+    from .reward_head import ScoreForSequenceClassification
+
+    _, pretrained = _backbone_classes(model_type)
     # transformers inspects the defining module's source to decide which attention and experts kernels a
     # class may use: claim the family's module so the backbone computes exactly as the causal LM does.
     namespace = {
         "__module__": pretrained.__module__,
         "base_model_prefix": backbone_prefix(model_type),
-        "config_class": backbone.config_class,
+        "config_class": CONFIG_MAPPING[model_type],
     }
-    return type(class_name, (GenericForSequenceClassification, pretrained), namespace)
+    return type(class_name, (ScoreForSequenceClassification, pretrained), namespace)
 
 
 _BUILT: dict[str, type] = {}
@@ -113,21 +123,29 @@ PORTABLE_MODULE = "modeling_rmconvert"
 def portable_module(model_type: str, class_name: str) -> str | None:
     """Source of a modeling file defining ``class_name`` for ``--portable``; None when transformers has
     a native class (the checkpoint then needs no code)."""
+    import inspect
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from . import reward_head
+
     if native_class_name(model_type):
         return None
-    backbone, pretrained = _backbone_classes(model_type)
+    _, pretrained = _backbone_classes(model_type)
+    config = CONFIG_MAPPING[model_type]
+    body = inspect.getsource(reward_head).split('"""', 2)[2].lstrip("\n")
     return f'''"""Written by rmconvert --portable: {class_name}, the reward-model class of {model_type!r}.
 
 Load with AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True), or without
 remote code through rmconvert.load_reward_model(path).
 """
 
-from transformers.modeling_layers import GenericForSequenceClassification
-from {pretrained.__module__} import {pretrained.__name__}
-from {backbone.config_class.__module__} import {backbone.config_class.__name__}
+{body}
+from {pretrained.__module__} import {pretrained.__name__}  # noqa: E402
+from {config.__module__} import {config.__name__}  # noqa: E402
 
 
-class {class_name}(GenericForSequenceClassification, {pretrained.__name__}):
+class {class_name}(ScoreForSequenceClassification, {pretrained.__name__}):
     base_model_prefix = "{backbone_prefix(model_type)}"
-    config_class = {backbone.config_class.__name__}
+    config_class = {config.__name__}
 '''

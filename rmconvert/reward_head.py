@@ -1,0 +1,40 @@
+"""The sequence classifier rmconvert builds for families transformers has none for.
+
+Self-contained (torch and transformers only): ``--portable`` copies this source into the checkpoint.
+"""
+
+import torch
+from transformers.modeling_layers import GenericForSequenceClassification
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+
+class ScoreForSequenceClassification(GenericForSequenceClassification):
+    """A backbone under ``base_model_prefix`` plus ``score`` (no bias), read at the rightmost token that is
+    not the pad: transformers' GenericForSequenceClassification, with a forward that also takes backbones
+    that keep no key-value cache (Mamba, RWKV, xLSTM, ...)."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        backbone = getattr(self, self.base_model_prefix)
+        outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        logits = self.score(outputs[0])
+        batch_size = logits.shape[0]
+        pad = self.config.get_text_config().pad_token_id
+        if pad is None and batch_size != 1:
+            raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        if pad is None or input_ids is None:
+            last = torch.full((batch_size,), logits.shape[1] - 1, device=logits.device)
+        else:
+            non_pad = (input_ids != pad).to(logits.device, torch.int32)
+            positions = torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32)
+            last = (positions * non_pad).argmax(-1)
+        pooled = logits[torch.arange(batch_size, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled,
+            past_key_values=getattr(outputs, "past_key_values", None),
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
