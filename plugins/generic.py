@@ -11,7 +11,9 @@ from rmconvert import Architecture, hookimpl
 from rmconvert.checkpoint import text_config
 from rmconvert.errors import CheckpointError
 
-OUTPUT_HEAD = re.compile(r"(^|\.)(lm_head|embed_out|unembed|output|head)\.")
+#: Output heads: a top-level module of these names (``lm_head``, GPT-NeoX's ``embed_out``, RWKV's ``head``), or an
+#: ``unembed`` anywhere. (``output`` is not matched inside the backbone: RWKV's attention has one.)
+OUTPUT_HEAD = re.compile(r"^(lm_head|embed_out|head|output)\.|(^|\.)unembed\.")
 
 
 class Generic(Architecture):

@@ -83,6 +83,14 @@ TINY = {
     "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32,
     "sliding_window": 64,
+    # multi-head latent attention (DeepSeek V2/V3, MiniCPM3, GLM-4 MoE lite)
+    "q_lora_rank": 32,
+    "kv_lora_rank": 32,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "n_group": 1,
+    "topk_group": 1,
 }
 
 RECIPES = {
@@ -141,6 +149,8 @@ def recipe_for(kind: str) -> Recipe:
 
     defaults = AutoConfig.for_model(kind).get_text_config().to_dict()
     sizes = {k: v for k, v in TINY.items() if k in defaults}
+    if "kv_lora_rank" in sizes:  # latent attention keeps a key-value head per query head
+        sizes["num_key_value_heads"] = sizes["num_attention_heads"]
     return Recipe(kind, ("<|endoftext|>", "<|im_end|>"), 299, 304, eos="<|endoftext|>", config=sizes)
 
 

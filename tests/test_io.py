@@ -142,6 +142,7 @@ def test_converting_a_llama_imports_neither_torch_nor_transformers(build, tmp_pa
     )
     src = build("llama2")
     command = [sys.executable, "-c", code, str(src), str(tmp_path / "rm")]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    # run outside the repository: from its root, ``-c`` would import the source tree, not the installed package
+    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "rm" / "model.safetensors").exists()
