@@ -8,6 +8,7 @@ from pathlib import Path
 from .checkpoint import open_checkpoint
 from .errors import CheckpointError
 from .host import Registry
+from .reward_head import accepted
 from .safetensors_io import TensorInfo
 from .validation import CODES, Finding, Subject
 
@@ -68,11 +69,12 @@ def loaded(s: Subject) -> list[Finding]:
     model.eval()
     tok, singles = _probe_ids(s.path)
     with torch.no_grad():
-        alone = torch.cat([model(ids, use_cache=False).logits for ids in singles])
+        alone = torch.cat([model(ids, **accepted(model, use_cache=False)).logits for ids in singles])
         for side in ("right", "left"):
             tok.padding_side = side
             batch = tok(list(PROBE_TEXTS), return_tensors="pt", padding=True)
-            batched = model(**batch, position_ids=positions(batch["attention_mask"]), use_cache=False).logits
+            options = accepted(model, position_ids=positions(batch["attention_mask"]), use_cache=False)
+            batched = model(**batch, **options).logits
             if not torch.allclose(batched, alone, atol=_tolerance(model.dtype), rtol=_tolerance(model.dtype)):
                 worst = (batched - alone).abs().max().item()
                 findings.append(
@@ -136,14 +138,14 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
     findings = []
     with torch.no_grad():
         for ids in singles:
-            a = ours(ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
-            b = theirs(ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
+            a = ours(ids, output_hidden_states=True, **accepted(ours, use_cache=False)).hidden_states[-1]
+            b = theirs(ids, output_hidden_states=True, **accepted(theirs, use_cache=False)).hidden_states[-1]
             if not torch.equal(a, b):
                 diff = (a.float() - b.float()).abs().max().item()
                 return [s.finding("RM122", s.weights_file, "", f"max difference {diff:.3g}")]
         if source_is_rm:
-            r_ours = torch.cat([ours(ids, use_cache=False).logits for ids in singles])
-            r_theirs = torch.cat([theirs(ids, use_cache=False).logits for ids in singles])
+            r_ours = torch.cat([ours(ids, **accepted(ours, use_cache=False)).logits for ids in singles])
+            r_theirs = torch.cat([theirs(ids, **accepted(theirs, use_cache=False)).logits for ids in singles])
             if not _rewards_agree(r_ours, r_theirs, _tolerance(ours.dtype)):
                 findings.append(s.finding("RM123", s.weights_file, "score.weight", "rewards disagree"))
     return findings

@@ -3,9 +3,19 @@
 Self-contained (torch and transformers only): ``--portable`` copies this source into the checkpoint.
 """
 
+import inspect
+
 import torch
 from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+
+def accepted(module, **kwargs) -> dict:
+    """The keyword arguments ``module.forward`` takes (all of them when it takes ``**kwargs``)."""
+    parameters = inspect.signature(module.forward).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in parameters}
 
 
 class ScoreForSequenceClassification(GenericForSequenceClassification):
@@ -15,7 +25,8 @@ class ScoreForSequenceClassification(GenericForSequenceClassification):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
         backbone = getattr(self, self.base_model_prefix)
-        outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        kwargs = accepted(backbone, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        outputs = backbone(input_ids=input_ids, **kwargs)
         logits = self.score(outputs[0])
         batch_size = logits.shape[0]
         pad = self.config.get_text_config().pad_token_id
