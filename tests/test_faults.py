@@ -19,6 +19,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -259,6 +260,7 @@ class Budget:
     def __init__(self, real, root: Path, kind: str, limit: float = math.inf):
         self.real, self.root, self.kind, self.limit = real, f"{root}/", kind, limit
         self.bytes = self.calls = 0
+        self.lock = threading.Lock()  # rmconvert writes shards from two threads: keep the budget exact
 
     def _counted(self, fd: int) -> bool:
         try:
@@ -280,15 +282,17 @@ class Budget:
     def copy_file_range(self, src, dst, count, *args, **kwargs):
         if not self._counted(dst):
             return self.real(src, dst, count, *args, **kwargs)
-        n = self.real(src, dst, self._allowance(count), *args, **kwargs)
-        self.bytes += n
+        with self.lock:
+            n = self.real(src, dst, self._allowance(count), *args, **kwargs)
+            self.bytes += n
         return n
 
     def write(self, fd, data):
         if not self._counted(fd):
             return self.real(fd, data)
-        n = self.real(fd, memoryview(data)[: self._allowance(len(data))])
-        self.bytes += n
+        with self.lock:
+            n = self.real(fd, memoryview(data)[: self._allowance(len(data))])
+            self.bytes += n
         return n
 
 
