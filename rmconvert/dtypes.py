@@ -8,7 +8,6 @@ import numpy as np
 FLOAT_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 #: torch names accepted by ``--dtype`` -> safetensors dtype.
 TORCH_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
 def decode(raw: bytes, dtype: str) -> np.ndarray:
