@@ -13,6 +13,7 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from . import __version__
@@ -20,9 +21,9 @@ from .architecture import Architecture
 from .checkpoint import INDEX, SINGLE, Checkpoint, open_checkpoint, read_json, require_directory, text_config
 from .dtypes import FLOAT_DTYPES, TORCH_NAMES
 from .errors import CheckpointError, OutputError, PluginError, UsageError
-from .head import default_init_std, mean_row, score_parts
+from .head import default_init_std, mean_row_part, score_parts
 from .host import Registered, Registry, load_registry
-from .output import FILE_MODE, check_destination, staged, write_file
+from .output import FILE_MODE, check_destination, staged, sync_file, write_file
 from .pad import PadChoice, choose_pad
 from .safetensors_io import ByteRange, Header, OutTensor, Repeat, layout, write_parts
 from .schema import schema_errors
@@ -261,7 +262,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     emb = ckpt.tensors[embedding]
     replaced = {}
     if new_vocab > vocab:  # the old rows as they are, then the mean row for each new one
-        rows = Repeat(mean_row(emb, emb.dtype), new_vocab - vocab)
+        rows = Repeat(mean_row_part(emb), new_vocab - vocab)
         replaced[embedding] = OutTensor(
             embedding, emb.dtype, (new_vocab, hidden), (*OutTensor.copy_of(emb).parts, rows)
         )
@@ -272,11 +273,6 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     shards, index = _plan_shards(ckpt, dropped, replaced, score, options)
 
     config = _output_config(ckpt, registered, labels, new_vocab, pad, options.dtype)
-    problems = schema_errors(config, arch.schema)
-    if problems:
-        raise CheckpointError(
-            f"the converted config would not satisfy {arch.schema.name}: {problems[0]}", ckpt.config_path
-        )
     json_files, generated = _plan_json(ckpt, config, tok, generation_config, pad, options)
     skip = set(json_files) | set(generated) | {INDEX, MANIFEST}
     copies = sorted(
@@ -371,37 +367,67 @@ def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
     }
 
 
+def _check_config(plan: Plan) -> None:
+    """The output config must satisfy the architecture's JSON schema."""
+    schema = plan.registered.architecture.schema
+    problems = schema_errors(plan.json_files["config.json"], schema)
+    if problems:
+        raise CheckpointError(
+            f"the converted config would not satisfy {schema.name}: {problems[0]}", plan.checkpoint.config_path
+        )
+
+
 def write_plan(plan: Plan, out: Path, options: Options, link: bool = False, progress=None) -> dict[str, int]:
     """Write every file of ``plan`` into the empty directory ``out``; returns how many shards were written how.
 
-    Two workers (this machine class has two cores) copy shards and hash the sources; on an error,
-    Ctrl-C or SIGTERM they stop at their next chunk, so nothing runs on after the staging dir is removed.
+    Two workers (this machine class has two cores) copy shards, then hash the sources, biggest first
+    so that they finish together; a third thread flushes each finished file to the disk while the
+    rest run, and this one checks the config. On an error, Ctrl-C or SIGTERM the workers stop at their
+    next chunk, so nothing runs on after the staging dir is removed.
     """
     ckpt = plan.checkpoint
     read = [s.path.name for s in ckpt.shards] + plan.copies + [n for n in plan.json_files if (ckpt.path / n).exists()]
     read += [INDEX] if ckpt.index is not None else []
+    # (order, bytes, name, job): assembled shards first, as they also compute (the mean row, the head),
+    # then copies, so the disk writes them back while the sources are hashed; biggest first in each
+    jobs = [
+        (
+            0 if isinstance(shard, list) else 1,
+            _shard_bytes(shard),
+            name,
+            partial(_write_shard, out / name, shard, ckpt, link),
+        )
+        for name, shard in plan.shards.items()
+    ]
+    jobs += [(1, (ckpt.path / n).stat().st_size, n, partial(_write_copy, out / n, ckpt.path / n)) for n in plan.copies]
+    if options.hash_sources:
+        jobs += [(2, (ckpt.path / n).stat().st_size, n, partial(_sha256, ckpt.path / n)) for n in set(read)]
+    jobs.sort(key=lambda j: (j[0], -j[1], j[2]))
     stop = threading.Event()
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=2) as pool, ThreadPoolExecutor(max_workers=1) as flusher:
         try:  # from the first submit on: a signal that lands between two submits must stop the workers too
-            writes = {
-                pool.submit(_write_shard, out / name, shard, ckpt, link, stop): name
-                for name, shard in plan.shards.items()
-            }
-            writes |= {pool.submit(_write_copy, out / name, ckpt.path / name, stop): name for name in plan.copies}
-            # queued after the copies, so a shard is hashed from the page cache its copy just filled
-            hashed = sorted(set(read)) if options.hash_sources else []
-            hashes = {name: pool.submit(_sha256, ckpt.path / name, stop) for name in hashed}
+            futures = {pool.submit(job, stop): (order == 2, name) for order, _, name, job in jobs}
+            _check_config(plan)
             methods = {"copied": 0, "assembled": 0, "reflink": 0, "hardlink": 0}
-            for future in as_completed(writes):
+            digests, flushes = {}, []
+            for future in as_completed(futures):
+                is_hash, name = futures[future]
+                if is_hash:
+                    digests[name] = future.result()
+                    continue
                 method = future.result()
+                if method in ("copied", "assembled", "file"):  # linked files share the source's blocks
+                    flushes.append(flusher.submit(sync_file, out / name))
                 if method in methods:
                     methods[method] += 1
                     if progress:
-                        progress(f"[{sum(methods.values())}/{len(plan.shards)}] {writes[future]}")
-            digests = {name: future.result() for name, future in hashes.items()}
+                        progress(f"[{sum(methods.values())}/{len(plan.shards)}] {name}")
+            for future in flushes:
+                future.result()
         except BaseException:  # an error, Ctrl-C or SIGTERM: stop every worker now
             stop.set()
             pool.shutdown(cancel_futures=True)
+            flusher.shutdown(cancel_futures=True)
             raise
     for name, obj in plan.json_files.items():
         write_file(out / name, _dump(dict(sorted(obj.items())) if name == "config.json" else obj))
@@ -409,8 +435,12 @@ def write_plan(plan: Plan, out: Path, options: Options, link: bool = False, prog
         write_file(out / name, data)
     if plan.index is not None:
         write_file(out / INDEX, _dump(plan.index))
-    write_file(out / MANIFEST, _dump(_manifest(plan, options, digests)))
+    write_file(out / MANIFEST, _dump(_manifest(plan, options, dict(sorted(digests.items())))))
     return methods
+
+
+def _shard_bytes(shard: Header | list[OutTensor]) -> int:
+    return shard.size if isinstance(shard, Header) else sum(t.nbytes for t in shard)
 
 
 def _write_shard(target: Path, shard: Header | list[OutTensor], ckpt: Checkpoint, link: bool, stop) -> str:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 import os
-
-import numpy as np
+from functools import partial
 
 from .dtypes import decode, encode
-from .safetensors_io import ByteRange, TensorInfo
+from .safetensors_io import DTYPE_BITS, ByteRange, Computed, TensorInfo
 
 CHUNK_BYTES = 4 << 20  # bytes of embedding rows decoded at a time
 
@@ -26,16 +25,16 @@ def default_init_std(hidden_size: int) -> float:
 
 def initial_row(hidden_size: int, std: float, seed: int, dtype: str) -> bytes:
     """A fresh head row ``N(0, std)``, reproducible from ``seed``."""
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     return encode(rng.standard_normal(hidden_size) * std, dtype)
 
 
-def zero_row(hidden_size: int, dtype: str) -> bytes:
-    return encode(np.zeros(hidden_size), dtype)
-
-
 def mean_row(embedding: TensorInfo, dtype: str) -> bytes:
     """Mean of an embedding's rows as ``dtype``, read in chunks of at most CHUNK_BYTES."""
+    import numpy as np
+
     rows, row_bytes = embedding.shape[0], embedding.row_bytes
     step = max(1, CHUNK_BYTES // max(row_bytes, 1))
     total = np.zeros(embedding.shape[1], dtype=np.float64)
@@ -50,34 +49,42 @@ def mean_row(embedding: TensorInfo, dtype: str) -> bytes:
     return encode(total / rows, dtype)
 
 
+def mean_row_part(embedding: TensorInfo) -> Computed:
+    """The mean embedding row, computed by the writer of the embedding's shard."""
+    return Computed(partial(mean_row, embedding, embedding.dtype), embedding.row_bytes)
+
+
 def row(info: TensorInfo, index: int) -> ByteRange:
     """Row ``index`` of a 2-D tensor as a byte range (copied, never decoded)."""
     return ByteRange(info.path, info.offset + index * info.row_bytes, info.row_bytes)
 
 
-def read_row(info: TensorInfo, index: int) -> np.ndarray:
-    part = row(info, index)
-    with open(part.path, "rb") as f:
-        f.seek(part.offset)
-        return decode(f.read(part.length), info.dtype).astype(np.float64)
+def row_difference(info: TensorInfo, dtype: str) -> bytes:
+    """Row 1 minus row 0 of a 2-row tensor, as ``dtype``."""
+    first, second = (row(info, i) for i in (0, 1))
+    with open(info.path, "rb") as f:
+        values = [decode(os.pread(f.fileno(), p.length, p.offset), info.dtype).astype("f8") for p in (first, second)]
+    return encode(values[1] - values[0], dtype)
 
 
 def score_parts(
     existing: TensorInfo | None, labels: int, hidden_size: int, dtype: str, std: float, seed: int, from_bt: str
 ) -> tuple[tuple, str]:
     """The bytes of ``score.weight`` ``[labels, H]`` as parts, and how they were made."""
+    row_bytes = hidden_size * DTYPE_BITS[dtype] // 8
+    zeros = bytes(row_bytes)  # 0.0 is all zero bits in every float dtype
     if existing is None:
-        fresh = initial_row(hidden_size, std, seed, dtype)
+        fresh = Computed(partial(initial_row, hidden_size, std, seed, dtype), row_bytes)
         how = f"new, N(0, {std:.6g}) with seed {seed}"
         if labels == 1:
             return (fresh,), how
-        return (zero_row(hidden_size, dtype), fresh), how + ", as [zeros; w]"
+        return (zeros, fresh), how + ", as [zeros; w]"
     source_labels = existing.shape[0]
     if source_labels == labels:
         return tuple(row(existing, i) for i in range(labels)), f"unchanged {labels}-label head"
     if labels == 2:  # 1 -> 2
-        return (zero_row(hidden_size, dtype), row(existing, 0)), "1-label head w as [zeros; w]"
+        return (zeros, row(existing, 0)), "1-label head w as [zeros; w]"
     if from_bt == "row1":  # HALOs trains only row 1
         return (row(existing, 1),), "row 1 of the 2-label head (the row HALOs trains)"
-    difference = read_row(existing, 1) - read_row(existing, 0)
-    return (encode(difference, dtype),), "row 1 - row 0 of the 2-label head (softmax-trained classifier)"
+    difference = Computed(partial(row_difference, existing, dtype), row_bytes)
+    return (difference,), "row 1 - row 0 of the 2-label head (softmax-trained classifier)"

@@ -54,10 +54,12 @@ def staged(dst: Path, overwrite: bool):
     try:
         yield tmp
         os.chmod(tmp, DIR_MODE)
+        sync_file(tmp)  # the entries, before the name: a crash never leaves a partial DST
         _move_into_place(tmp, dst, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    sync_file(dst.parent)  # the name
 
 
 def _move_into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
@@ -78,11 +80,21 @@ def _move_into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def sync_file(path: Path) -> None:
+    """Flush a file's (or a directory's) data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_file(path: Path, data: bytes) -> None:
-    """Write a small output file with mode 0644."""
+    """Write a small output file with mode 0644, flushed to the disk."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         write_all(fd, data)
+        os.fsync(fd)
     finally:
         os.close(fd)
     os.chmod(path, FILE_MODE)

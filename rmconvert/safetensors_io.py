@@ -12,6 +12,7 @@ import math
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,18 +189,41 @@ class Cast:
 
 
 @dataclass(frozen=True)
+class Computed:
+    """``length`` bytes computed by the writer (a mean embedding row, a new head row), so that copying
+    the unchanged bytes need not wait for the arithmetic, nor for numpy's import."""
+
+    compute: Callable[[], bytes]
+    length: int
+
+    def __call__(self) -> bytes:
+        data = self.compute()
+        if len(data) != self.length:
+            raise AssertionError(f"computed {len(data)} bytes, planned {self.length}")
+        return data
+
+
+@dataclass(frozen=True)
 class Repeat:
     """``row`` written ``count`` times, in bounded chunks (new embedding rows)."""
 
-    row: bytes
+    row: bytes | Computed
     count: int
 
     @property
     def length(self) -> int:
-        return len(self.row) * self.count
+        return len(self.row) * self.count if isinstance(self.row, bytes) else self.row.length * self.count
 
 
-Part = ByteRange | Cast | Repeat | bytes
+Part = ByteRange | Cast | Repeat | Computed | bytes
+
+
+def part_length(part: Part) -> int:
+    return len(part) if isinstance(part, bytes) else part.length
+
+
+def materialize(part: bytes | Computed) -> bytes:
+    return part if isinstance(part, bytes) else part()
 
 
 @dataclass(frozen=True)
@@ -213,7 +237,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return sum(len(p) if isinstance(p, bytes) else p.length for p in self.parts)
+        return sum(map(part_length, self.parts))
 
     def as_dtype(self, dtype: str) -> OutTensor:
         """This tensor cast to float ``dtype`` (unchanged if it already is one, or is not a float)."""
@@ -223,11 +247,12 @@ class OutTensor:
             return self
 
         def cast_part(part: Part) -> Part:
-            if isinstance(part, bytes):
-                return cast(part, self.dtype, dtype)
             if isinstance(part, Repeat):
-                return Repeat(cast(part.row, self.dtype, dtype), part.count)
-            return Cast(part, self.dtype, dtype)
+                return Repeat(cast_part(part.row), part.count)
+            if isinstance(part, ByteRange):
+                return Cast(part, self.dtype, dtype)
+            length = part_length(part) // DTYPE_BITS[self.dtype] * DTYPE_BITS[dtype]
+            return Computed(lambda: cast(materialize(part), self.dtype, dtype), length)
 
         return OutTensor(self.name, dtype, self.shape, tuple(cast_part(p) for p in self.parts))
 
@@ -339,12 +364,13 @@ def write_parts(dst_fd: int, parts, stop: threading.Event | None = None) -> None
                     raw = os.pread(fd_of(src.path), min(step, src.length - start), src.offset + start)
                     write_all(dst_fd, cast(raw, part.from_dtype, part.to_dtype))
             elif isinstance(part, Repeat):
-                per_chunk = max(1, CAST_CHUNK // max(len(part.row), 1))
+                row = materialize(part.row)
+                per_chunk = max(1, CAST_CHUNK // max(len(row), 1))
                 for start in range(0, part.count, per_chunk):
                     check()
-                    write_all(dst_fd, part.row * min(per_chunk, part.count - start))
+                    write_all(dst_fd, row * min(per_chunk, part.count - start))
             else:
-                write_all(dst_fd, part)
+                write_all(dst_fd, materialize(part))
     finally:
         for fd in fds.values():
             os.close(fd)

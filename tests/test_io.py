@@ -146,3 +146,42 @@ def test_converting_a_llama_imports_neither_torch_nor_transformers(build, tmp_pa
     result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "rm" / "model.safetensors").exists()
+
+
+def test_planning_leaves_numpy_and_jsonschema_to_run_alongside_the_copies(build, tmp_path):
+    """The plan holds the mean row and the head as computations the writers run, and the config is checked
+    while they copy: planning imports neither numpy nor jsonschema (~0.25 s), so copying starts sooner."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from rmconvert.engine import Options, open_checkpoint, plan_conversion\n"
+        "from rmconvert.host import load_registry\n"
+        "ckpt = open_checkpoint(Path(sys.argv[1]))\n"
+        "entry = load_registry().resolve(ckpt.model_type, 'auto', ckpt.config_path)\n"
+        "plan = plan_conversion(ckpt, entry, Options(head='bt', dtype='bfloat16'))\n"
+        "assert plan.report['vocab']['added_rows'] > 0, plan.report['vocab']\n"
+        "late = sorted(m for m in ('numpy', 'jsonschema') if m in sys.modules)\n"
+        "assert not late, late\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(build("llama2"))], capture_output=True, text=True, check=False, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_output_file_reaches_the_disk_before_the_destination_is_named(build, tmp_path, monkeypatch):
+    """Crash safety: each file and the staging directory are fsynced before the rename, the parent after it."""
+    events = []
+    fsync, rename = os.fsync, os.rename
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), fsync(fd))
+    )
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), rename(a, b)))
+    dst = tmp_path / "rm"
+    convert(build("llama3", max_shard_size="200KB"), dst)
+    (named,) = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(dst.resolve())]
+    staging = events[named][1]
+    synced = {e[1] for e in events[:named] if e[0] == "fsync"}
+    assert len(list(dst.glob("*.safetensors"))) > 1
+    assert {f"{staging}/{p.name}" for p in dst.iterdir()} | {staging} <= synced
+    assert ("fsync", str(dst.parent.resolve())) in events[named:]
