@@ -21,6 +21,15 @@ class Generic(Architecture):
     fallback = True
 
     @cached_property
+    def right_padding_only(self) -> tuple[str, ...]:
+        """RWKV warns that the attention mask "is unused in this model"; xLSTM takes none; RecurrentGemma's
+        recurrent blocks take it and do not apply it. transformers 4's BioGPT classifier reads the reward at
+        (non-pad tokens - 1), which is the last token only when padding is on the right."""
+        from importlib.metadata import version
+
+        return ("recurrent_gemma", "rwkv", "xlstm") + (("biogpt",) if version("transformers") < "5" else ())
+
+    @cached_property
     def model_types(self) -> tuple[str, ...]:
         """Every decoder-only family; those without a native class get one built (see rmconvert.modeling)."""
         from rmconvert.modeling import decoder_only_model_types

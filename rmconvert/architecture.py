@@ -48,6 +48,9 @@ class Architecture:
     dropout_fields: tuple[str, ...] = DROPOUT_FIELDS
     #: Existing special tokens to reuse as the pad, in order of preference.
     pad_tokens: tuple[str, ...] = PAD_TOKENS
+    #: model_types whose recurrence runs over pad tokens (their layers ignore the attention mask), so only
+    #: right-padded batches score exactly: their tokenizers are set to pad on the right.
+    right_padding_only: tuple[str, ...] = ()
     #: JSON schema (draft 2020-12) the reward-model config.json must satisfy.
     schema: Path = schemas.path("reward-model")
     #: True only for a catch-all architecture, consulted after every specific one.

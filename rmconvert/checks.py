@@ -115,6 +115,13 @@ def pad(s: Subject) -> Iterator[Finding]:
         )
 
 
+def padding_side(s: Subject) -> Iterator[Finding]:
+    """A family whose recurrence runs over pad tokens must be padded on the right."""
+    right_only = s.architecture is not None and s.ckpt.model_type in s.architecture.right_padding_only
+    if right_only and s.tokenizer is not None and s.tokenizer.tokenizer_config.get("padding_side") == "left":
+        yield s.finding("RM034", TOKENIZER_CONFIG, "/padding_side", f"{s.ckpt.model_type} cannot be left-padded")
+
+
 def index(s: Subject) -> Iterator[Finding]:
     if s.ckpt.index is None:
         return
@@ -145,6 +152,7 @@ STATIC = (
     tokenizer_files,
     vocabulary,
     pad,
+    padding_side,
     index,
     dropout,
 )

@@ -27,7 +27,7 @@ from .output import FILE_MODE, check_destination, staged, sync_file, write_file
 from .pad import PadChoice, choose_pad
 from .safetensors_io import ByteRange, Header, OutTensor, Repeat, layout, write_parts
 from .schema import schema_errors
-from .tokenizer_files import TokenizerFiles
+from .tokenizer_files import TOKENIZER_CONFIG, TokenizerFiles
 
 MANIFEST = "rmconvert.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -210,9 +210,16 @@ def _plan_shards(
 
 
 def _plan_json(
-    ckpt: Checkpoint, config: dict, tok: TokenizerFiles, generation_config, pad: PadChoice, options: Options
+    ckpt: Checkpoint,
+    arch: Architecture,
+    config: dict,
+    tok: TokenizerFiles,
+    generation_config,
+    pad: PadChoice,
+    options: Options,
 ) -> tuple[dict[str, dict], dict[str, bytes]]:
-    """JSON files to write (config, and tokenizer files the pad changes) and generated code (--portable)."""
+    """JSON files to write (config, tokenizer files the pad or padding side change) and generated code
+    (--portable)."""
     json_files = {"config.json": config}
     generated = {}
     if options.portable:
@@ -232,6 +239,10 @@ def _plan_json(
             "special_tokens_map.json": tok.special_tokens_map,
         }
         json_files.update({n: f for n, f in tok.with_pad(pad.token).items() if f != originals[n]})
+    if ckpt.model_type in arch.right_padding_only:
+        tokenizer_config = json_files.get(TOKENIZER_CONFIG, tok.tokenizer_config)
+        if tokenizer_config.get("padding_side") != "right":
+            json_files[TOKENIZER_CONFIG] = {**tokenizer_config, "padding_side": "right"}
     if generation_config is not None and "pad_token_id" in generation_config and pad.id is not None:
         json_files[GENERATION_CONFIG] = {**generation_config, "pad_token_id": pad.id}
     return json_files, generated
@@ -273,7 +284,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     shards, index = _plan_shards(ckpt, dropped, replaced, score, options)
 
     config = _output_config(ckpt, registered, labels, new_vocab, pad, options.dtype)
-    json_files, generated = _plan_json(ckpt, config, tok, generation_config, pad, options)
+    json_files, generated = _plan_json(ckpt, arch, config, tok, generation_config, pad, options)
     skip = set(json_files) | set(generated) | {INDEX, MANIFEST}
     copies = sorted(
         p.name
@@ -296,6 +307,11 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
         "whole_file_copies": sorted(name for name, shard in shards.items() if isinstance(shard, Header)),
         "warnings": list(pad.warnings),
     }
+    if ckpt.model_type in arch.right_padding_only:
+        report["warnings"].append(
+            f"{ckpt.model_type}'s recurrence runs over pad tokens: score right-padded batches only"
+            " (tokenizer padding_side is right)"
+        )
     if existing is not None and pad.action == "kept":
         report["warnings"].append(
             f"kept pad {pad.token!r} (id {pad.id}) of the reward model: changing it would move where rewards are read"

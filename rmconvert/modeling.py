@@ -15,12 +15,18 @@ def _mappings():
     return modeling_auto
 
 
+#: In the causal-LM mapping but not causal: XLNet attends over the whole sequence by default
+#: (``attn_type="bi"``), and its classifier is a sequence summary, not a ``score`` head.
+BIDIRECTIONAL = {"xlnet"}
+
+
 def decoder_only_model_types() -> set[str]:
     """Text-only model_types with a causal-LM class, no masked-LM or encoder-decoder class (bert and bart have
     a ``*ForCausalLM`` too, but their sequence classifiers are not a ``score`` head on the last token), and a
     sequence classifier or a backbone to build one on."""
     auto = _mappings()
     others = set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+    others |= BIDIRECTIONAL
     others |= set(auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES) | _multimodal(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     buildable = {t for t in auto.MODEL_MAPPING_NAMES if (_backbone_name(t) or "").endswith("Model")}
     classifiable = set(auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) | buildable

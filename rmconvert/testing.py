@@ -141,17 +141,31 @@ RECIPES = {
 }
 
 
+#: Families whose real tokenizers put special tokens at ids the model relies on, laid out the same way:
+#: XGLM's pad id is also the zeroed row of its position table, and its checkpoints carry fairseq's
+#: ``<s> <pad> </s> <unk>`` (pad = 1).
+FAMILY_TOKENS = {
+    "xglm": {"specials": ("<s>", "<pad>", "</s>", "<unk>"), "eos": "</s>", "bos": "<s>", "pad": "<pad>", "unk": "<unk>"}
+}
+#: Any other family: no pad, so conversion adds one and grows the embedding.
+DEFAULT_TOKENS = {"specials": ("<|endoftext|>", "<|im_end|>"), "eos": "<|endoftext|>"}
+
+
 def recipe_for(kind: str) -> Recipe:
-    """A named recipe, or for any other ``model_type`` a tiny member with a 299-token tokenizer and no pad."""
+    """A named recipe, or for any other ``model_type`` a tiny member with a 299-token tokenizer (no pad unless
+    the family's real checkpoints need one where it is, see FAMILY_TOKENS)."""
     if kind in RECIPES:
         return RECIPES[kind]
     from transformers import AutoConfig
 
-    defaults = AutoConfig.for_model(kind).get_text_config().to_dict()
-    sizes = {k: v for k, v in TINY.items() if k in defaults}
+    from .modeling import config_attribute_map
+
+    # a field counts under its own name or an alias (GPT-2, CTRL and CodeGen store hidden_size as n_embd)
+    fields = set(AutoConfig.for_model(kind).get_text_config().to_dict()) | set(config_attribute_map(kind))
+    sizes = {k: v for k, v in TINY.items() if k in fields}
     if "kv_lora_rank" in sizes:  # latent attention keeps a key-value head per query head
         sizes["num_key_value_heads"] = sizes["num_attention_heads"]
-    return Recipe(kind, ("<|endoftext|>", "<|im_end|>"), 299, 304, eos="<|endoftext|>", config=sizes)
+    return Recipe(kind, tokens=299, vocab_size=304, config=sizes, **FAMILY_TOKENS.get(kind, DEFAULT_TOKENS))
 
 
 def build_tokenizer(recipe: Recipe):

@@ -88,6 +88,12 @@ CODES = {
             "make tokenizer_config.json pad_token the config's pad",
         ),
         Code(
+            "RM034",
+            ERROR,
+            "the tokenizer pads on the left, but this family scores only right-padded batches exactly",
+            FIX + " (sets padding_side to right)",
+        ),
+        Code(
             "RM040",
             ERROR,
             "the shard index has no metadata (transformers 5 raises KeyError)",

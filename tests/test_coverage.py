@@ -12,21 +12,50 @@ from rmconvert import convert, validate
 from rmconvert.coverage import check, main
 from rmconvert.modeling import decoder_only_model_types, native_class_name
 
-#: A dense Llama-like, an MoE, absolute positions with tied weights, an LM head under another name, and
-#: three families that transformers has no sequence classifier for.
-SUBSET = ("mistral", "qwen3_moe", "gpt2", "gpt_neox", "granite", "glm4_moe", "cohere")
+#: A dense Llama-like, an MoE, absolute positions with tied weights, an LM head under another name, three
+#: families that transformers has no sequence classifier for, a pad id that indexes the position table
+#: (XGLM), and a recurrence that runs over pads (RWKV: right padding only).
+SUBSET = ("mistral", "qwen3_moe", "gpt2", "gpt_neox", "granite", "glm4_moe", "cohere", "xglm", "rwkv")
 
 
 def test_the_subset_covers_families_without_a_native_class():
     assert {t for t in SUBSET if not native_class_name(t)} >= {"granite", "glm4_moe"}
     assert set(SUBSET) <= decoder_only_model_types()
-    assert not {"bert", "bart", "t5"} & decoder_only_model_types()
+    assert not {"bert", "bart", "t5", "xlnet"} & decoder_only_model_types()
 
 
 @pytest.mark.parametrize("model_type", SUBSET)
 def test_each_family_converts_loads_and_scores_padded_batches(model_type, tmp_path):
     outcome, detail = check(model_type, tmp_path)
     assert (outcome, detail.split(":")[0]) == ("ok", "generic"), detail
+
+
+def test_a_family_that_cannot_be_left_padded_is_set_to_pad_right(build, tmp_path, writable_copy):
+    """RWKV's recurrence runs over left pads (the reward really changes), so convert makes its tokenizer pad
+    right, validate --load scores right-padded batches, and a tokenizer set back to left is an error."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from rmconvert import load_reward_model
+
+    report = convert(build("rwkv"), tmp_path / "rm")
+    assert any("right-padded batches only" in w for w in report["warnings"])
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    assert tok.padding_side == "right"
+    assert not [f for f in validate(tmp_path / "rm", load=True) if f.severity == "error"]
+
+    model = load_reward_model(tmp_path / "rm").eval()
+    texts = ["the answer is good", "no"]
+    with torch.no_grad():
+        alone = torch.cat([model(**tok(t, return_tensors="pt")).logits for t in texts])
+        tok.padding_side = "left"
+        left = model(**tok(texts, return_tensors="pt", padding=True)).logits
+    assert not torch.allclose(left, alone, atol=1e-4)
+
+    rm = writable_copy(tmp_path / "rm", "left")
+    config = json.loads((rm / "tokenizer_config.json").read_text())
+    (rm / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    assert [(f.code, f.where) for f in validate(rm) if f.severity == "error"] == [("RM034", "/padding_side")]
 
 
 def test_coverage_report_counts_and_lists_exceptions(capsys):
