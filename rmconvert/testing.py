@@ -76,6 +76,7 @@ COMMON = {
 TINY = {
     **COMMON,
     "head_dim": 16,
+    "rotary_dim": 16,  # GPT-J, CodeGen: at most the head width
     "num_experts": 4,
     "num_local_experts": 4,
     "n_routed_experts": 4,
@@ -147,6 +148,14 @@ RECIPES = {
 FAMILY_TOKENS = {
     "xglm": {"specials": ("<s>", "<pad>", "</s>", "<unk>"), "eos": "</s>", "bos": "<s>", "pad": "<pad>", "unk": "<unk>"}
 }
+#: Config fields that must follow the tiny sizes where no TINY field says so (GPT-Neo checks its per-layer
+#: attention types against ``num_layers`` before its aliases are applied).
+FAMILY_CONFIG = {
+    "gpt_neo": {
+        "num_layers": COMMON["num_hidden_layers"],
+        "attention_types": [[["global", "local"], COMMON["num_hidden_layers"] // 2]],
+    }
+}
 #: Any other family: no pad, so conversion adds one and grows the embedding.
 DEFAULT_TOKENS = {"specials": ("<|endoftext|>", "<|im_end|>"), "eos": "<|endoftext|>"}
 
@@ -162,7 +171,7 @@ def recipe_for(kind: str) -> Recipe:
 
     # a field counts under its own name or an alias (GPT-2, CTRL and CodeGen store hidden_size as n_embd)
     fields = set(AutoConfig.for_model(kind).get_text_config().to_dict()) | set(config_attribute_map(kind))
-    sizes = {k: v for k, v in TINY.items() if k in fields}
+    sizes = {k: v for k, v in TINY.items() if k in fields} | FAMILY_CONFIG.get(kind, {})
     if "kv_lora_rank" in sizes:  # latent attention keeps a key-value head per query head
         sizes["num_key_value_heads"] = sizes["num_attention_heads"]
     return Recipe(kind, tokens=299, vocab_size=304, config=sizes, **FAMILY_TOKENS.get(kind, DEFAULT_TOKENS))
