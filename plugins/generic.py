@@ -27,7 +27,8 @@ class Generic(Architecture):
         (non-pad tokens - 1), which is the last token only when padding is on the right."""
         from importlib.metadata import version
 
-        return ("recurrent_gemma", "rwkv", "xlstm") + (("biogpt",) if version("transformers") < "5" else ())
+        transformers_4 = int(version("transformers").split(".")[0]) < 5
+        return ("recurrent_gemma", "rwkv", "xlstm") + (("biogpt",) if transformers_4 else ())
 
     @cached_property
     def model_types(self) -> tuple[str, ...]:

@@ -117,8 +117,7 @@ def pad(s: Subject) -> Iterator[Finding]:
 
 def padding_side(s: Subject) -> Iterator[Finding]:
     """A family whose recurrence runs over pad tokens must be padded on the right."""
-    right_only = s.architecture is not None and s.ckpt.model_type in s.architecture.right_padding_only
-    if right_only and s.tokenizer is not None and s.tokenizer.tokenizer_config.get("padding_side") == "left":
+    if s.right_padding_only and s.tokenizer is not None and s.tokenizer.tokenizer_config.get("padding_side") == "left":
         yield s.finding("RM034", TOKENIZER_CONFIG, "/padding_side", f"{s.ckpt.model_type} cannot be left-padded")
 
 

@@ -211,7 +211,7 @@ def _plan_shards(
 
 def _plan_json(
     ckpt: Checkpoint,
-    arch: Architecture,
+    right_padding_only: bool,
     config: dict,
     tok: TokenizerFiles,
     generation_config,
@@ -239,7 +239,7 @@ def _plan_json(
             "special_tokens_map.json": tok.special_tokens_map,
         }
         json_files.update({n: f for n, f in tok.with_pad(pad.token).items() if f != originals[n]})
-    if ckpt.model_type in arch.right_padding_only:
+    if right_padding_only:
         tokenizer_config = json_files.get(TOKENIZER_CONFIG, tok.tokenizer_config)
         if tokenizer_config.get("padding_side") != "right":
             json_files[TOKENIZER_CONFIG] = {**tokenizer_config, "padding_side": "right"}
@@ -284,7 +284,8 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     shards, index = _plan_shards(ckpt, dropped, replaced, score, options)
 
     config = _output_config(ckpt, registered, labels, new_vocab, pad, options.dtype)
-    json_files, generated = _plan_json(ckpt, arch, config, tok, generation_config, pad, options)
+    right_padding_only = ckpt.model_type in arch.right_padding_only
+    json_files, generated = _plan_json(ckpt, right_padding_only, config, tok, generation_config, pad, options)
     skip = set(json_files) | set(generated) | {INDEX, MANIFEST}
     copies = sorted(
         p.name
@@ -307,7 +308,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
         "whole_file_copies": sorted(name for name, shard in shards.items() if isinstance(shard, Header)),
         "warnings": list(pad.warnings),
     }
-    if ckpt.model_type in arch.right_padding_only:
+    if right_padding_only:
         report["warnings"].append(
             f"{ckpt.model_type}'s recurrence runs over pad tokens: score right-padded batches only"
             " (tokenizer padding_side is right)"

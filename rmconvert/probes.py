@@ -70,8 +70,7 @@ def loaded(s: Subject) -> list[Finding]:
     tok, singles = _probe_ids(s.path)
     with torch.no_grad():
         alone = torch.cat([model(ids, **accepted(model, use_cache=False)).logits for ids in singles])
-        right_only = s.architecture is not None and s.ckpt.model_type in s.architecture.right_padding_only
-        for side in ("right",) if right_only else ("right", "left"):
+        for side in ("right",) if s.right_padding_only else ("right", "left"):
             tok.padding_side = side
             batch = tok(list(PROBE_TEXTS), return_tensors="pt", padding=True)
             options = accepted(model, position_ids=positions(batch["attention_mask"]), use_cache=False)

@@ -212,7 +212,7 @@ class Repeat:
 
     @property
     def length(self) -> int:
-        return len(self.row) * self.count if isinstance(self.row, bytes) else self.row.length * self.count
+        return part_length(self.row) * self.count
 
 
 Part = ByteRange | Cast | Repeat | Computed | bytes

@@ -172,6 +172,11 @@ class Subject:
         return self.text_config.get("hidden_size")
 
     @property
+    def right_padding_only(self) -> bool:
+        """Whether the family scores only right-padded batches exactly (see Architecture.right_padding_only)."""
+        return self.architecture is not None and self.ckpt.model_type in self.architecture.right_padding_only
+
+    @property
     def weights_file(self) -> str:
         """The file that says where tensors are: the index of a sharded checkpoint, else the single file."""
         return INDEX if self.ckpt.index is not None else SINGLE
