@@ -394,49 +394,54 @@ def _check_config(plan: Plan) -> None:
         )
 
 
+#: Order of the workers' jobs: assembled shards first, as they also compute (the mean row, the head), then
+#: copies, so that the disk writes them back while the sources are hashed.
+JOB_ORDER = {"assemble": 0, "copy": 1, "hash": 2}
+
+
 def write_plan(plan: Plan, out: Path, options: Options, link: bool = False, progress=None) -> dict[str, int]:
     """Write every file of ``plan`` into the empty directory ``out``; returns how many shards were written how.
 
     Two workers (this machine class has two cores) copy shards, then hash the sources, biggest first
-    so that they finish together; a third thread flushes each finished file to the disk while the
-    rest run, and this one checks the config. On an error, Ctrl-C or SIGTERM the workers stop at their
-    next chunk, so nothing runs on after the staging dir is removed.
+    so that they finish together. A third thread checks the config, then flushes each finished file to
+    the disk while the rest run. Only this thread receives signals, and it imports nothing meanwhile:
+    a Ctrl-C or SIGTERM that broke off an import here would leave a module lock held, and a worker's
+    own import (numpy) would wait on it forever. On an error, Ctrl-C or SIGTERM the workers stop at
+    their next chunk, so nothing runs on after the staging dir is removed.
     """
     ckpt = plan.checkpoint
     read = [s.path.name for s in ckpt.shards] + plan.copies + [n for n in plan.json_files if (ckpt.path / n).exists()]
     read += [INDEX] if ckpt.index is not None else []
-    # (order, bytes, name, job): assembled shards first, as they also compute (the mean row, the head),
-    # then copies, so the disk writes them back while the sources are hashed; biggest first in each
     jobs = [
         (
-            0 if isinstance(shard, list) else 1,
+            "assemble" if isinstance(shard, list) else "copy",
             _shard_bytes(shard),
             name,
             partial(_write_shard, out / name, shard, ckpt, link),
         )
         for name, shard in plan.shards.items()
     ]
-    jobs += [(1, (ckpt.path / n).stat().st_size, n, partial(_write_copy, out / n, ckpt.path / n)) for n in plan.copies]
+    size = lambda name: (ckpt.path / name).stat().st_size
+    jobs += [("copy", size(n), n, partial(_write_copy, out / n, ckpt.path / n)) for n in plan.copies]
     if options.hash_sources:
-        jobs += [(2, (ckpt.path / n).stat().st_size, n, partial(_sha256, ckpt.path / n)) for n in set(read)]
-    jobs.sort(key=lambda j: (j[0], -j[1], j[2]))
+        jobs += [("hash", size(n), n, partial(_sha256, ckpt.path / n)) for n in set(read)]
+    jobs.sort(key=lambda j: (JOB_ORDER[j[0]], -j[1], j[2]))  # biggest first in each kind
     stop = threading.Event()
-    with ThreadPoolExecutor(max_workers=2) as pool, ThreadPoolExecutor(max_workers=1) as flusher:
+    with ThreadPoolExecutor(max_workers=2) as pool, ThreadPoolExecutor(max_workers=1) as background:
         try:  # from the first submit on: a signal that lands between two submits must stop the workers too
-            futures = {pool.submit(job, stop): (order == 2, name) for order, _, name, job in jobs}
-            _check_config(plan)
+            futures = {background.submit(_check_config, plan): ("check", "config.json")}
+            futures |= {pool.submit(job, stop): (kind, name) for kind, _, name, job in jobs}
             methods = {"copied": 0, "assembled": 0, "reflink": 0, "hardlink": 0}
             digests, flushes = {}, []
             for future in as_completed(futures):
-                is_hash, name = futures[future]
-                if is_hash:
-                    digests[name] = future.result()
-                    continue
-                method = future.result()
-                if method in ("copied", "assembled", "file"):  # linked files share the source's blocks
-                    flushes.append(flusher.submit(sync_file, out / name))
-                if method in methods:
-                    methods[method] += 1
+                kind, name = futures[future]
+                result = future.result()
+                if kind == "hash":
+                    digests[name] = result
+                if result in ("copied", "assembled", "file"):  # linked files share the source's blocks
+                    flushes.append(background.submit(sync_file, out / name))
+                if result in methods:
+                    methods[result] += 1
                     if progress:
                         progress(f"[{sum(methods.values())}/{len(plan.shards)}] {name}")
             for future in flushes:
@@ -444,7 +449,7 @@ def write_plan(plan: Plan, out: Path, options: Options, link: bool = False, prog
         except BaseException:  # an error, Ctrl-C or SIGTERM: stop every worker now
             stop.set()
             pool.shutdown(cancel_futures=True)
-            flusher.shutdown(cancel_futures=True)
+            background.shutdown(cancel_futures=True)
             raise
     for name, obj in plan.json_files.items():
         write_file(out / name, _dump(dict(sorted(obj.items())) if name == "config.json" else obj))
