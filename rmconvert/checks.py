@@ -1,6 +1,6 @@
 """Static checks of ``rmconvert validate``: headers and JSON only, fast and in bounded memory at any size.
 
-Each check takes a :class:`rmconvert.validation.Subject` and yields findings of its codes.
+Each check takes a :class:`rmconvert.findings.Subject` and yields findings of its codes.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 from .checkpoint import INDEX
 from .errors import CheckpointError
+from .findings import Finding, Subject
 from .pad import eos_ids
 from .schema import schema_errors
 from .tokenizer_files import TOKENIZER_CONFIG
-from .validation import Finding, Subject
 
 CONFIG = "config.json"
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from .checkpoint import open_checkpoint
 from .errors import CheckpointError
+from .findings import CODES, Finding, Subject
 from .host import Registry
 from .reward_head import accepted
 from .safetensors_io import TensorInfo
-from .validation import CODES, Finding, Subject
 
 PROBE_TEXTS = ("the answer is good and helpful", "no", "hello world, is the reward model honest?")
 CHUNK = 16 << 20

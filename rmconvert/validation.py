@@ -1,6 +1,6 @@
 """``rmconvert validate``: findings with stable codes about a reward-model checkpoint, ours or anyone's.
 
-The codes live in CODES (severity, what it means, how to fix it); the checks that produce them are small
+The codes and the finding type live in :mod:`rmconvert.findings`; the checks that produce them are small
 functions in :mod:`rmconvert.checks` (static: headers and JSON only) and :mod:`rmconvert.probes`
 (``--load`` and ``--against``: these load the model). Plugins add checks through
 ``rmconvert_register_checks``.
@@ -8,183 +8,16 @@ functions in :mod:`rmconvert.checks` (static: headers and JSON only) and :mod:`r
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .architecture import Architecture
-from .checkpoint import INDEX, SINGLE, Checkpoint, open_checkpoint, read_json, text_config
+from . import checks
+from .checkpoint import open_checkpoint, read_json
 from .errors import CheckpointError
+from .findings import CODES, ERROR, WARNING, Finding, Subject
 from .host import Registry, load_registry
 from .tokenizer_files import TokenizerFiles
 
-ERROR, WARNING = "error", "warning"
-
-
-@dataclass(frozen=True)
-class Code:
-    """A kind of finding: its severity, what it means, and the fix (``{path}`` is the checkpoint)."""
-
-    code: str
-    severity: str
-    title: str
-    hint: str
-
-
-FIX = "rmconvert convert {path} {path}-fixed"
-CODES = {
-    c.code: c
-    for c in (
-        Code(
-            "RM001",
-            ERROR,
-            "the checkpoint cannot be read: a file is missing, truncated or malformed",
-            "re-save or re-download the file",
-        ),
-        Code("RM002", ERROR, "config.json violates the architecture's JSON schema", FIX),
-        Code(
-            "RM003",
-            ERROR,
-            "no installed plugin knows the model_type",
-            "install a plugin for it (see `rmconvert plugins`)",
-        ),
-        Code(
-            "RM004",
-            WARNING,
-            "config.json names remote code (auto_map); rmconvert never runs it",
-            "load without trust_remote_code, or remove auto_map",
-        ),
-        Code("RM010", ERROR, "no score head", FIX),
-        Code("RM011", ERROR, "score.weight is not [1 or 2, hidden_size]", "retrain or re-export the head"),
-        Code(
-            "RM012",
-            ERROR,
-            "the config's label count differs from the head's rows (no id2label loads 2)",
-            FIX + " (writes id2label)",
-        ),
-        Code("RM013", ERROR, "a language-model head is present", FIX + " (drops it)"),
-        Code(
-            "RM014",
-            ERROR,
-            "an OpenRLHF reward model (RewardModel, value_head): not loadable as a classifier",
-            FIX + " (renames the head to score.weight)",
-        ),
-        Code(
-            "RM021", ERROR, "vocab_size is smaller than the tokenizer", FIX + " (pads the vocabulary, never shrinks it)"
-        ),
-        Code("RM022", ERROR, "embedding rows differ from vocab_size", "set vocab_size to the embedding's rows"),
-        Code("RM023", ERROR, "the input embedding cannot be found", "check the architecture (--arch) or the plugin"),
-        Code("RM024", ERROR, "a tensor's width differs from hidden_size", "re-export the checkpoint"),
-        Code("RM031", ERROR, "pad_token_id is not below vocab_size", FIX),
-        Code(
-            "RM032",
-            ERROR,
-            "pad_token_id is an eos id: the reward is read at the wrong token",
-            FIX + " --pad-token '<pad>' (then retrain: the read position moves)",
-        ),
-        Code(
-            "RM033",
-            ERROR,
-            "the tokenizer's pad differs from config pad_token_id",
-            "make tokenizer_config.json pad_token the config's pad",
-        ),
-        Code(
-            "RM034",
-            ERROR,
-            "the tokenizer pads on the left, but this family scores only right-padded batches exactly",
-            FIX + " (sets padding_side to right)",
-        ),
-        Code(
-            "RM040",
-            ERROR,
-            "the shard index has no metadata (transformers 5 raises KeyError)",
-            FIX + " (writes an exact index)",
-        ),
-        Code("RM041", ERROR, "the shard index's total_size is wrong", FIX + " (writes an exact index)"),
-        Code("RM050", WARNING, "a dropout field is not 0 (open-instruct trains reward models without dropout)", FIX),
-        Code("RM060", ERROR, "a tokenizer file is missing or malformed", "save the tokenizer with transformers"),
-        Code(
-            "RM100", ERROR, "loading reports missing keys (randomly initialised)", "check the checkpoint's tensor names"
-        ),
-        Code("RM101", ERROR, "loading reports unexpected keys (ignored)", FIX),
-        Code("RM102", ERROR, "loading reports tensors of mismatched shape", FIX),
-        Code("RM103", ERROR, "transformers cannot load the model", "see the message"),
-        Code(
-            "RM110", ERROR, "a padded batch scores differently from the same sequences one by one", "check pad_token_id"
-        ),
-        Code("RM120", ERROR, "a backbone tensor differs from the source's", "convert again from the source"),
-        Code("RM121", ERROR, "a source tensor is missing from the reward model", "convert again from the source"),
-        Code("RM122", ERROR, "backbone hidden states differ from the source's", "convert again from the source"),
-        Code(
-            "RM123",
-            ERROR,
-            "rewards differ from the source reward model's under the head rules",
-            "convert again from the source",
-        ),
-        Code(
-            "RM124",
-            WARNING,
-            "a backbone tensor was cast from the source's dtype; bytes not compared",
-            "expected after --dtype",
-        ),
-    )
-}
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One problem: stable code, severity, the file and the JSON pointer or tensor, what is wrong, the fix."""
-
-    code: str
-    severity: str
-    file: str
-    where: str
-    message: str
-    hint: str = ""
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Subject:
-    """What checks look at: the checkpoint read from disk, and what was made of it."""
-
-    path: Path
-    ckpt: Checkpoint
-    architecture: Architecture | None
-    tokenizer: TokenizerFiles | None
-    tokenizer_error: CheckpointError | None
-    generation_config: dict | None
-    registry: Registry
-
-    @property
-    def config(self) -> dict:
-        return self.ckpt.config
-
-    @property
-    def text_config(self) -> dict:
-        return text_config(self.ckpt.config)
-
-    @property
-    def hidden_size(self) -> int | None:
-        if self.architecture is not None:
-            return self.architecture.hidden_size(self.config)
-        return self.text_config.get("hidden_size")
-
-    @property
-    def right_padding_only(self) -> bool:
-        """Whether the family scores only right-padded batches exactly (see Architecture.right_padding_only)."""
-        return self.architecture is not None and self.ckpt.model_type in self.architecture.right_padding_only
-
-    @property
-    def weights_file(self) -> str:
-        """The file that says where tensors are: the index of a sharded checkpoint, else the single file."""
-        return INDEX if self.ckpt.index is not None else SINGLE
-
-    def finding(self, code: str, file: str, where: str, message: str) -> Finding:
-        """A finding of a built-in code, with its severity and fix hint."""
-        kind = CODES[code]
-        return Finding(code, kind.severity, file, where, message, kind.hint.format(path=self.path))
+__all__ = ["CODES", "ERROR", "WARNING", "Finding", "Subject", "validate"]
 
 
 def _read(path: Path, registry: Registry) -> Subject:
@@ -207,8 +40,6 @@ def validate(
     ``load`` also loads it with transformers and scores probe batches; ``against`` compares it with the
     checkpoint it was converted from (bytes, and with ``load`` hidden states and rewards).
     """
-    from . import checks
-
     path = Path(path)
     registry = registry or load_registry()
     try:
@@ -221,7 +52,7 @@ def validate(
     for _, check in registry.checks:
         findings += list(check(subject))
     if load or against is not None:
-        from . import probes
+        from . import probes  # imports torch and transformers: only when asked to load or compare
 
         if against is not None:
             findings += probes.against_source(subject, Path(against), registry, load)

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from rmconvert import Architecture, convert, hookimpl, schemas, validate
 from rmconvert.checkpoint import open_checkpoint
 from rmconvert.cli import cli
+from rmconvert.findings import CODES, Finding
 from rmconvert.host import get_plugin_manager, load_registry
-from rmconvert.validation import CODES, Finding
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
