@@ -53,8 +53,13 @@ def cli():
 
 
 @cli.command()
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src", type=click.Path(path_type=str))
 @click.argument("dst", type=click.Path(path_type=Path))
+@click.option(
+    "--revision",
+    metavar="REV",
+    help="When SRC is a Hugging Face repo id (org/name): its branch, tag or commit. Default: main.",
+)
 @click.option(
     "--arch", default="auto", show_default=True, help="Architecture plugin; auto reads config.json model_type."
 )
@@ -120,8 +125,9 @@ def cli():
 def convert(src, dst, overwrite, link, as_json, **options):
     """Convert the checkpoint SRC into a reward-model checkpoint DST.
 
-    Unchanged tensors are copied as bytes; the model is never loaded. SRC is never written, and DST
-    appears only when complete.
+    SRC is a checkpoint directory or a Hugging Face repo id (org/name): from the cache when HF_HUB_OFFLINE=1,
+    else downloading only the files a conversion reads. Unchanged tensors are copied as bytes; the model is
+    never loaded. SRC is never written, and DST appears only when complete.
     """
     from .engine import convert as run
 
@@ -140,25 +146,31 @@ def convert(src, dst, overwrite, link, as_json, **options):
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path(path_type=str))
+@click.option(
+    "--revision",
+    metavar="REV",
+    help="When PATH is a Hugging Face repo id (org/name): its branch, tag or commit. Default: main.",
+)
 @click.option("--load", is_flag=True, help="Also load it with transformers and score padded probe batches.")
 @click.option(
     "--against",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=str),
     metavar="SRC",
-    help="Compare with the checkpoint it was converted from: backbone bytes (and with --load, hidden states"
-    " and rewards).",
+    help="Compare with the checkpoint it was converted from (a directory or a repo id): backbone bytes (and"
+    " with --load, hidden states and rewards).",
 )
+@click.option("--against-revision", metavar="REV", help="When --against SRC is a repo id: its branch, tag or commit.")
 @click.option("--strict", is_flag=True, help="Warnings count as errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @reports_errors
-def validate(path, load, against, strict, as_json):
-    """Check that the reward-model checkpoint PATH is sound: exit 0 when no errors (no warnings either
-    under --strict), 1 otherwise."""
+def validate(path, revision, load, against, against_revision, strict, as_json):
+    """Check that the reward-model checkpoint PATH (a directory or a Hugging Face repo id) is sound: exit 0
+    when no errors (no warnings either under --strict), 1 otherwise."""
     from .validation import ERROR
     from .validation import validate as run
 
-    findings = run(path, load=load, against=against)
+    findings = run(path, load=load, against=against, revision=revision, against_revision=against_revision)
     errors = [f for f in findings if f.severity == ERROR or strict]
     warnings = [f for f in findings if f not in errors]
     if as_json:

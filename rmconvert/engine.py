@@ -23,6 +23,7 @@ from .dtypes import FLOAT_DTYPES, TORCH_NAMES
 from .errors import CheckpointError, OutputError, PluginError, UsageError
 from .head import default_init_std, mean_row_part, score_parts
 from .host import Registered, Registry, load_registry
+from .hub import resolve_source
 from .output import FILE_MODE, check_destination, staged, sync_file, write_file
 from .pad import PadChoice, choose_pad
 from .safetensors_io import ByteRange, Header, OutTensor, Repeat, layout, write_parts
@@ -507,17 +508,19 @@ def convert(
     link: bool = False,
     registry: Registry | None = None,
     progress=None,
+    revision: str | None = None,
     **options,
 ) -> dict:
     """Convert the checkpoint at ``src`` into a reward model at ``dst``; returns the report.
 
+    ``src`` is a directory, or a Hub repo id ``org/name`` at ``revision`` (see :func:`rmconvert.hub.resolve_source`).
     ``options`` are the fields of :class:`Options`. ``link`` reflinks or hard-links shards that are
     unchanged instead of copying them (a hard-linked file shares its inode with the source).
     """
     options["max_shard_size"] = parse_size(options.get("max_shard_size"))
     opts = Options(**options)
     opts.check()
-    src, dst = Path(src), Path(dst)
+    src, dst = resolve_source(src, revision), Path(dst)
     require_directory(src)
     check_destination(src, dst, overwrite)
     registry = registry or load_registry()

@@ -20,7 +20,8 @@ ERROR, WARNING = "error", "warning"
 
 @dataclass(frozen=True)
 class Code:
-    """A kind of finding: its severity, what it means, and the fix (``{path}`` is the checkpoint)."""
+    """A kind of finding: its severity, what it means, and the fix (``{path}`` is the checkpoint as the user named
+    it, ``{fixed}`` a new directory for its fixed copy)."""
 
     code: str
     severity: str
@@ -28,7 +29,7 @@ class Code:
     hint: str
 
 
-FIX = "rmconvert convert {path} {path}-fixed"
+FIX = "rmconvert convert {path} {fixed}"
 CODES = {
     c.code: c
     for c in (
@@ -154,6 +155,7 @@ class Subject:
     tokenizer_error: CheckpointError | None
     generation_config: dict | None
     registry: Registry
+    repo: str | None = None  # the Hub repo id (and --revision) it was named by; None for a directory
 
     @property
     def config(self) -> dict:
@@ -182,4 +184,7 @@ class Subject:
     def finding(self, code: str, file: str, where: str, message: str) -> Finding:
         """A finding of a built-in code, with its severity and fix hint."""
         kind = CODES[code]
-        return Finding(code, kind.severity, file, where, message, kind.hint.format(path=self.path))
+        fixed = f"{self.repo.split()[0].split('/')[-1]}-fixed" if self.repo else f"{self.path}-fixed"
+        return Finding(
+            code, kind.severity, file, where, message, kind.hint.format(path=self.repo or self.path, fixed=fixed)
+        )

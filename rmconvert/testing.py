@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,3 +259,41 @@ def snapshot(path: str | Path) -> dict[str, str]:
         for p in sorted(path.rglob("*"))
         if p.is_file()
     }
+
+
+#: Files the Hub stores with Git LFS (their cache blob is named by the sha256); others are named by the git sha1.
+LFS_SUFFIXES = (".safetensors", ".bin", ".model")
+
+
+def git_blob_id(data: bytes) -> str:
+    """The git object id of a file (``sha1("blob <size>\\0" + data)``): a non-LFS file's name in the Hub cache."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def add_to_hub_cache(checkpoint: str | Path, cache: str | Path, repo_id: str, ref: str = "main") -> Path:
+    """Store the files of directory ``checkpoint`` in the Hugging Face cache ``cache`` as repo ``repo_id`` at
+    branch ``ref``, as huggingface_hub writes a download; returns the snapshot directory.
+
+    ``models--org--name/blobs/<id>`` holds each file once (id: sha256 for LFS files, else the git sha1),
+    ``snapshots/<commit>/<file>`` links to it relatively, and ``refs/<ref>`` holds the commit hash (derived
+    from the contents, so a different checkpoint gives a different commit).
+    """
+    checkpoint, repo = Path(checkpoint), Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+    blobs = {}
+    for file in files:
+        data = file.read_bytes()
+        lfs = file.name.endswith(LFS_SUFFIXES)
+        blobs[file.relative_to(checkpoint)] = hashlib.sha256(data).hexdigest() if lfs else git_blob_id(data)
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / blobs[file.relative_to(checkpoint)]).write_bytes(data)
+    commit = hashlib.sha1(repr(sorted((str(k), v) for k, v in blobs.items())).encode()).hexdigest()
+    snap = repo / "snapshots" / commit
+    for name, blob in blobs.items():
+        link = snap / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(repo / "blobs" / blob, link.parent))
+    (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    return snap

@@ -12,15 +12,16 @@ from pathlib import Path
 
 from . import checks
 from .checkpoint import open_checkpoint, read_json
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 from .findings import CODES, ERROR, WARNING, Finding, Subject
 from .host import Registry, load_registry
+from .hub import resolve_source
 from .tokenizer_files import TokenizerFiles
 
 __all__ = ["CODES", "ERROR", "WARNING", "Finding", "Subject", "validate"]
 
 
-def _read(path: Path, registry: Registry) -> Subject:
+def _read(path: Path, registry: Registry, repo: str | None = None) -> Subject:
     ckpt = open_checkpoint(path)
     registered = registry.for_model_type(ckpt.model_type)
     try:
@@ -29,21 +30,33 @@ def _read(path: Path, registry: Registry) -> Subject:
         tokenizer, tokenizer_error = None, exc
     generation_config = read_json(path / "generation_config.json", required=False)
     architecture = registered.architecture if registered else None
-    return Subject(path, ckpt, architecture, tokenizer, tokenizer_error, generation_config, registry)
+    return Subject(path, ckpt, architecture, tokenizer, tokenizer_error, generation_config, registry, repo)
 
 
 def validate(
-    path: str | Path, *, load: bool = False, against: str | Path | None = None, registry: Registry | None = None
+    path: str | Path,
+    *,
+    load: bool = False,
+    against: str | Path | None = None,
+    registry: Registry | None = None,
+    revision: str | None = None,
+    against_revision: str | None = None,
 ) -> list[Finding]:
     """Every finding for the reward-model checkpoint at ``path``; no finding of severity error means sound.
 
     ``load`` also loads it with transformers and scores probe batches; ``against`` compares it with the
-    checkpoint it was converted from (bytes, and with ``load`` hidden states and rewards).
+    checkpoint it was converted from (bytes, and with ``load`` hidden states and rewards). ``path`` and
+    ``against`` may be Hub repo ids ``org/name``, at ``revision`` and ``against_revision``.
     """
-    path = Path(path)
+    if against is None and against_revision is not None:
+        raise UsageError("--against-revision applies to --against SRC, which is not given")
+    spec, path = path, resolve_source(path, revision)
+    repo = None if path == Path(spec) else spec + (f" --revision {revision}" if revision else "")
+    if against is not None:
+        against = resolve_source(against, against_revision)
     registry = registry or load_registry()
     try:
-        subject = _read(path, registry)
+        subject = _read(path, registry, repo)
     except CheckpointError as exc:
         where = Path(str(exc.path)) if exc.path is not None else path
         name = where.name if where.parent == path else str(where)
