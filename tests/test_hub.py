@@ -1,0 +1,386 @@
+"""Hub ids as sources: ``org/name`` and ``--revision`` through a Hugging Face cache built as huggingface_hub
+writes one, offline; which files an online conversion fetches. Nothing is downloaded.
+
+The CLI runs as its own process: huggingface_hub reads ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` when imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download, try_to_load_from_cache
+
+from rmconvert.hub import files_to_fetch, repo_id_problem, revision_problem, weights_of
+from rmconvert.testing import add_to_hub_cache, git_blob_id, snapshot
+
+LLAMA = "tiny-org/llama2"
+SHARDED = "tiny-org/llama2-sharded"
+RM = "tiny-org/llama2-rm"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def rmconvert_script() -> str:
+    script = Path(sys.executable).with_name("rmconvert")
+    found = str(script) if script.exists() else shutil.which("rmconvert")
+    assert found, "the rmconvert console script is not installed"
+    return found
+
+
+def hub_env(cache: Path, **extra) -> dict[str, str]:
+    """The environment of an offline run against ``cache`` (no token, no telemetry, no update check)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env.update(
+        HF_HUB_CACHE=str(cache),
+        HF_HOME=str(cache.parent / "hf-home"),
+        HF_HUB_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_UPDATE_CHECK="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run(*args, cache: Path, cwd: Path, **extra) -> subprocess.CompletedProcess:
+    """``rmconvert ARGS`` as a process with the offline environment of ``cache``."""
+    command = [rmconvert_script(), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=hub_env(cache, **extra), cwd=cwd, check=False)
+
+
+def assert_one_error(result, culprit: str, *problems: str) -> None:
+    """Exit 1, nothing on stdout, one line ``rmconvert: error: <culprit>: ...`` holding every problem."""
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"rmconvert: error: {culprit}: "), lines[0]
+    for problem in problems:
+        assert problem in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def hub(build, tmp_path_factory):
+    """A Hugging Face cache (read-only): LLAMA at main and at branch v2 (other weights), SHARDED, and RM (a reward
+    model converted from LLAMA); with the local checkpoints each snapshot was made from."""
+    root = tmp_path_factory.mktemp("hub")
+    cache = root / "cache"
+    sources = {
+        (LLAMA, "main"): build("llama2"),
+        (LLAMA, "v2"): build("llama2", seed=1),
+        (SHARDED, "main"): build("llama2", max_shard_size="100KB"),
+    }
+    rm = root / "rm"
+    result = run("convert", sources[LLAMA, "main"], rm, cache=cache, cwd=root)
+    assert result.returncode == 0, result.stderr
+    sources[RM, "main"] = rm
+    snaps = {key: add_to_hub_cache(src, cache, *key) for key, src in sources.items()}
+    return cache, sources, snaps
+
+
+@pytest.fixture
+def cwd(tmp_path) -> Path:
+    """An empty working directory (no local org/name to take precedence)."""
+    (tmp_path / "work").mkdir()
+    return tmp_path / "work"
+
+
+def converted(src, dst: Path, cache: Path, cwd: Path, *options) -> dict[str, str]:
+    """Convert SRC (a path or a repo id) to DST; the output's files and hashes."""
+    result = run("convert", src, dst, *options, cache=cache, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return snapshot(dst)
+
+
+# --- the cache is the one huggingface_hub writes -----------------------------------------------
+
+
+def test_huggingface_hub_itself_resolves_the_cache_offline(hub):
+    cache, sources, snaps = hub
+    for (repo, ref), snap in snaps.items():
+        found = snapshot_download(repo, revision=ref, cache_dir=cache, local_files_only=True)
+        assert Path(found) == snap
+        assert Path(snapshot_download(repo, revision=snap.name, cache_dir=cache, local_files_only=True)) == snap
+        for file in sources[repo, ref].iterdir():
+            cached = hf_hub_download(repo, file.name, revision=ref, cache_dir=cache, local_files_only=True)
+            assert Path(cached) == snap / file.name
+            assert Path(cached).read_bytes() == file.read_bytes()
+            assert try_to_load_from_cache(repo, file.name, cache_dir=cache, revision=ref) == cached
+    scanned = {repo.repo_id: repo for repo in scan_cache_dir(cache).repos}  # raises on a malformed layout
+    assert sorted(scanned) == sorted({LLAMA, SHARDED, RM})
+    assert set(scanned[LLAMA].refs) == {"main", "v2"}
+    assert {r.commit_hash for r in scanned[LLAMA].revisions} == {snaps[LLAMA, "main"].name, snaps[LLAMA, "v2"].name}
+    weights = next(f for f in next(iter(scanned[RM].revisions)).files if f.file_name == SINGLE)
+    assert weights.blob_path.name == hashlib.sha256((sources[RM, "main"] / SINGLE).read_bytes()).hexdigest()
+    config = next(f for f in next(iter(scanned[RM].revisions)).files if f.file_name == "config.json")
+    assert config.blob_path.name == git_blob_id((sources[RM, "main"] / "config.json").read_bytes())
+
+
+# --- convert -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("repo", [LLAMA, SHARDED])
+def test_convert_a_repo_id_offline_as_the_local_checkpoint(hub, tmp_path, cwd, repo):
+    cache, sources, _ = hub
+    before = snapshot(cache)
+    from_hub = converted(repo, tmp_path / "from-hub", cache, cwd)
+    local = converted(sources[repo, "main"], tmp_path / "local", cache, cwd)
+    assert from_hub == local  # rmconvert.json included: the same hashes and options
+    assert not [p for p in (tmp_path / "from-hub").iterdir() if p.is_symlink()]
+    assert snapshot(cache) == before
+
+
+def test_revision_selects_a_branch_or_a_commit(hub, tmp_path, cwd):
+    cache, sources, snaps = hub
+    main = converted(LLAMA, tmp_path / "main", cache, cwd)
+    v2 = converted(LLAMA, tmp_path / "v2", cache, cwd, "--revision", "v2")
+    by_commit = converted(LLAMA, tmp_path / "commit", cache, cwd, "--revision", snaps[LLAMA, "v2"].name)
+    assert v2 == by_commit == converted(sources[LLAMA, "v2"], tmp_path / "local-v2", cache, cwd)
+    assert v2[SINGLE] != main[SINGLE]
+
+
+def test_provenance_of_cached_files_is_their_blob_name_or_content_hash(hub, tmp_path, cwd):
+    """LFS blobs are named by their sha256 (recorded without reading them); other blobs by their git sha1, so
+    their sha256 is computed: either way the value is the file's sha256, as for a local directory."""
+    cache, sources, snaps = hub
+    converted(SHARDED, tmp_path / "rm", cache, cwd)
+    recorded = json.loads((tmp_path / "rm" / "rmconvert.json").read_text())["source_files"]
+    snap = snaps[SHARDED, "main"]
+    assert set(recorded) >= {INDEX, "config.json", "tokenizer.json"} and len(recorded) > 5
+    lfs = 0
+    for name, value in recorded.items():
+        blob = (snap / name).resolve()
+        assert value == "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest(), name
+        if name.endswith(".safetensors"):
+            assert value == "sha256:" + blob.name
+            lfs += 1
+        else:
+            assert blob.name == git_blob_id(blob.read_bytes())
+    assert lfs == len(list(sources[SHARDED, "main"].glob("*.safetensors"))) > 1
+
+
+def test_a_local_directory_named_like_a_repo_id_wins(hub, tmp_path, cwd):
+    cache, sources, _ = hub
+    shutil.copytree(sources[LLAMA, "v2"], cwd / LLAMA)  # ./tiny-org/llama2 holds the v2 weights, the cache main
+    local = converted(LLAMA, tmp_path / "rm", cache, cwd)
+    assert local == converted(sources[LLAMA, "v2"], tmp_path / "v2", cache, cwd)
+    result = run("convert", LLAMA, tmp_path / "other", "--revision", "v2", cache=cache, cwd=cwd)
+    assert result.returncode == 2, result.stderr
+    assert f"--revision applies to a Hugging Face repo id, but {LLAMA} is a local path" in result.stderr
+    assert not (tmp_path / "other").exists()
+
+
+def test_converting_a_repo_id_imports_neither_torch_nor_transformers(hub, tmp_path, cwd):
+    cache, _, _ = hub
+    code = (
+        "import sys\n"
+        "from rmconvert.cli import main\n"
+        "sys.argv = ['rmconvert', 'convert', sys.argv[1], sys.argv[2]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "assert 'huggingface_hub' in sys.modules\n"
+    )
+    command = [sys.executable, "-c", code, LLAMA, str(tmp_path / "rm")]
+    result = subprocess.run(command, capture_output=True, text=True, env=hub_env(cache), cwd=cwd, check=False)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "rm" / SINGLE).exists()
+
+
+# --- validate ----------------------------------------------------------------------------------
+
+
+def test_validate_a_repo_id(hub, cwd):
+    cache, _, _ = hub
+    result = run("validate", RM, cache=cache, cwd=cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == f"{RM}: valid (0 errors, 0 warnings)"
+    report = json.loads(run("validate", RM, "--json", cache=cache, cwd=cwd).stdout)
+    assert report["path"] == RM and report["valid"]
+
+
+def test_validate_a_causal_lm_repo_id_suggests_converting_it_by_id(hub, cwd):
+    """The fix names the repo id and a new local directory, never the cache's snapshot folder."""
+    cache, _, _ = hub
+    result = run("validate", LLAMA, "--revision", "v2", cache=cache, cwd=cwd)
+    assert result.returncode == 1
+    fixes = [line.split("fix:", 1)[1].strip() for line in result.stdout.splitlines() if "fix:" in line]
+    assert f"rmconvert convert {LLAMA} --revision v2 llama2-fixed" in fixes, result.stdout
+    assert str(cache) not in result.stdout
+
+
+def test_validate_against_a_repo_id(hub, tmp_path, cwd):
+    cache, _, _ = hub
+    converted(LLAMA, tmp_path / "rm", cache, cwd)
+    same = run("validate", tmp_path / "rm", "--against", LLAMA, cache=cache, cwd=cwd)
+    assert same.returncode == 0, same.stdout + same.stderr
+    other = run("validate", tmp_path / "rm", "--against", LLAMA, "--against-revision", "v2", cache=cache, cwd=cwd)
+    assert other.returncode == 1
+    assert any(line.startswith("RM120") and "bytes differ" in line for line in other.stdout.splitlines()), other.stdout
+    assert run("validate", RM, "--against", LLAMA, cache=cache, cwd=cwd).returncode == 0
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_repo_id_missing_from_the_cache_offline(hub, tmp_path, cwd):
+    cache, _, _ = hub
+    result = run("convert", "tiny-org/absent", tmp_path / "rm", cache=cache, cwd=cwd)
+    assert_one_error(
+        result,
+        "tiny-org/absent",
+        f"not in the Hugging Face cache ({cache})",
+        "HF_HUB_OFFLINE",
+        "run once online, or `hf download tiny-org/absent`",
+    )
+    assert not (tmp_path / "rm").exists()
+    checked = run("validate", "tiny-org/absent", cache=cache, cwd=cwd)
+    assert_one_error(checked, "tiny-org/absent", "not in the Hugging Face cache")
+
+
+def test_revision_missing_from_the_cache_offline(hub, tmp_path, cwd):
+    cache, _, _ = hub
+    result = run("convert", LLAMA, tmp_path / "rm", "--revision", "v3", cache=cache, cwd=cwd)
+    assert_one_error(
+        result, LLAMA, "revision 'v3' is not in the Hugging Face cache", f"`hf download {LLAMA} --revision v3`"
+    )
+    against = run("validate", tmp_path, "--against", LLAMA, "--against-revision", "v3", cache=cache, cwd=cwd)
+    assert_one_error(against, LLAMA, "revision 'v3' is not in the Hugging Face cache")
+
+
+def test_partial_cache_offline(hub, tmp_path, cwd):
+    """A snapshot missing a shard (an interrupted download): huggingface_hub returns the folder; rmconvert
+    names the repo, the missing file and what to do."""
+    cache, _, snaps = hub
+    partial = tmp_path / "cache"
+    shutil.copytree(
+        cache / "models--tiny-org--llama2-sharded", partial / "models--tiny-org--llama2-sharded", symlinks=True
+    )
+    snap = partial / snaps[SHARDED, "main"].relative_to(cache)
+    last = max(snap.glob("model-*.safetensors"))
+    last.unlink()
+    result = run("convert", SHARDED, tmp_path / "rm", cache=partial, cwd=cwd)
+    assert_one_error(
+        result,
+        SHARDED,
+        "the Hugging Face cache holds only part of revision 'main'",
+        f"no {last.name}",
+        f"`hf download {SHARDED}`",
+    )
+
+
+def test_unreachable_hub_falls_back_to_the_cache(hub, tmp_path, cwd):
+    """Online but the endpoint refuses connections: the cached snapshot is used, as huggingface_hub does; a repo
+    that is not cached is one line naming it."""
+    cache, sources, _ = hub
+    closed = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}
+    result = run("convert", LLAMA, tmp_path / "rm", cache=cache, cwd=cwd, **closed)
+    assert result.returncode == 0, result.stderr
+    assert snapshot(tmp_path / "rm") == converted(sources[LLAMA, "main"], tmp_path / "local", cache, cwd)
+    missing = run("convert", "tiny-org/absent", tmp_path / "rm2", cache=cache, cwd=cwd, **closed)
+    assert_one_error(missing, "tiny-org/absent", "cannot reach the Hugging Face Hub", "not in the cache")
+
+
+# --- what an online conversion fetches ---------------------------------------------------------
+
+# fmt: off
+METADATA = ["config.json", "generation_config.json", "special_tokens_map.json", "tokenizer.json",
+            "tokenizer_config.json"]
+UNRELATED = [".gitattributes", "onnx/model.onnx", "original/consolidated.00.pth", "original/params.json",
+             "tf_model.h5", "flax_model.msgpack", "model.onnx", "consolidated.safetensors", "params.json",
+             "modeling_custom.py", "images/figure.png", "additional_chat_templates/tools.jinja"]
+SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+BIN_SHARDS = [f"pytorch_model-0000{i}-of-00002.bin" for i in (1, 2)]
+LICENSE_AND_TOKENIZER = ["config.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                         "chat_template.jinja", "qwen.tiktoken", "LICENSE", "LICENSE.txt", "NOTICE", "README.md",
+                         "USE_POLICY.md"]
+
+FETCHED = [
+    pytest.param([*METADATA, *UNRELATED, SINGLE], None, [*METADATA, SINGLE], id="safetensors"),
+    pytest.param([*METADATA, *UNRELATED, "pytorch_model.bin"], None, [*METADATA, "pytorch_model.bin"], id="bin"),
+    pytest.param([*METADATA, SINGLE, "pytorch_model.bin", *UNRELATED], None, [*METADATA, SINGLE], id="both"),
+    pytest.param([*METADATA, INDEX, *SHARDS, *UNRELATED], None, [*METADATA, INDEX], id="sharded-index-first"),
+    pytest.param([*METADATA, INDEX, *SHARDS, *UNRELATED], {"a": SHARDS[0], "b": SHARDS[2], "c": SHARDS[1]},
+                 [*METADATA, INDEX, *SHARDS], id="sharded"),
+    pytest.param([*METADATA, INDEX, *SHARDS, "pytorch_model.bin.index.json", *BIN_SHARDS], {"a": SHARDS[0]},
+                 [*METADATA, INDEX, SHARDS[0]], id="sharded-both-formats"),
+    pytest.param([*METADATA, "pytorch_model.bin.index.json", *BIN_SHARDS, *UNRELATED],
+                 {"a": BIN_SHARDS[0], "b": BIN_SHARDS[1], "c": "../escape.bin", "d": "not-in-repo.bin"},
+                 [*METADATA, "pytorch_model.bin.index.json", *BIN_SHARDS], id="sharded-bin"),
+    pytest.param([SINGLE, INDEX, *SHARDS], {"a": SHARDS[0]}, [INDEX, SHARDS[0]], id="index-over-single"),
+    pytest.param([*LICENSE_AND_TOKENIZER, "sub/tokenizer.json", "notes.txt", SINGLE], None,
+                 [*LICENSE_AND_TOKENIZER, SINGLE], id="tokenizer-and-license-files"),
+    pytest.param([*METADATA, *UNRELATED], None, METADATA, id="no-weights"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("repo_files, weight_map, expected", FETCHED)
+def test_files_fetched_for_a_conversion(repo_files, weight_map, expected):
+    assert files_to_fetch(repo_files, weight_map) == sorted(expected)
+
+
+def test_weights_of_prefers_safetensors_and_the_index():
+    assert weights_of([SINGLE, "pytorch_model.bin"]) == SINGLE
+    assert weights_of([INDEX, SINGLE]) == INDEX
+    assert weights_of(["pytorch_model.bin.index.json", "pytorch_model.bin"]) == "pytorch_model.bin.index.json"
+    assert weights_of(["pytorch_model.bin", "tf_model.h5"]) == "pytorch_model.bin"
+    assert weights_of(["consolidated.safetensors", "tf_model.h5", "onnx/model.onnx"]) is None
+
+
+@pytest.mark.parametrize(
+    "spec, valid",
+    [
+        ("allenai/OLMo-2-1124-7B-SFT", True),
+        ("meta-llama/Llama-3.1-8B", True),
+        ("org_1/name.v2", True),
+        ("name", False),
+        ("org/..", False),
+        ("../name", False),
+        ("org/../../etc", False),
+        ("/org/name", False),
+        ("org\\name", False),
+        ("org//name", False),
+        ("org/name/", False),
+        ("org/./name", False),
+        ("org/na--me", False),
+        ("org/-name", False),
+        ("org/name.git", False),
+        ("org/na me", False),
+        ("org/" + "n" * 96, False),
+    ],
+)
+def test_repo_ids(spec, valid):
+    assert (repo_id_problem(spec) is None) == valid, repo_id_problem(spec)
+
+
+@pytest.mark.parametrize(
+    "revision, valid",
+    [
+        ("main", True),
+        ("v2.0", True),
+        ("refs/pr/1", True),
+        ("0123456789abcdef0123456789abcdef01234567", True),
+        ("", False),
+        ("../../models--other--repo/refs/main", False),
+        ("/etc/passwd", False),
+        ("a\\b", False),
+        ("refs//pr", False),
+        ("main/", False),
+        ("ma in", False),
+        ("main\n", False),
+    ],
+)
+def test_revisions(revision, valid):
+    assert (revision_problem(revision) is None) == valid, revision_problem(revision)
