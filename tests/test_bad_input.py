@@ -523,6 +523,11 @@ BAD_USAGE = [
     pytest.param(["--max-shard-size", "0"], "--max-shard-size must be positive", id="max-shard-size-zero"),
     pytest.param(["--seed", "one"], "'one' is not a valid integer", id="seed-not-int"),
     pytest.param(["--no-such-option"], "No such option '--no-such-option'", id="unknown-option"),
+    pytest.param(["--revision", "../../models--other--repo/refs/main"], "is not a branch, tag or commit: empty parts,"
+                 " '.' and '..' are not allowed", id="revision-escapes-the-cache"),
+    pytest.param(["--revision", "/etc/passwd"], "is not a branch, tag or commit: absolute paths", id="revision-absolute"),
+    pytest.param(["--revision", ""], "--revision '' is not a branch, tag or commit: it is empty", id="revision-empty"),
+    pytest.param(["--revision", "v2"], "--revision applies to a Hugging Face repo id, but", id="revision-of-a-directory"),
 ]
 # fmt: on
 
@@ -547,6 +552,76 @@ def test_convert_missing_dst_argument(ws):
     assert_no_crash(result)
     assert result.exit_code == 2
     assert "Missing argument 'DST'" in result.stderr
+
+
+# --- sources that are neither a directory nor a Hub repo id -------------------------------------
+
+NOT_A_REPO_ID = "no such directory, and not a Hugging Face repo id: "
+
+# fmt: off
+BAD_SPECS = [
+    pytest.param("org/..", NOT_A_REPO_ID + "'.' and '..' are not names", id="repo-id-dotdot"),
+    pytest.param("../org/name", NOT_A_REPO_ID + "'.' and '..' are not names", id="repo-id-leading-dotdot"),
+    pytest.param("org/../../etc", NOT_A_REPO_ID + "'.' and '..' are not names", id="repo-id-climbing-out"),
+    pytest.param("org\\name", NOT_A_REPO_ID + "backslashes are not allowed", id="repo-id-backslash"),
+    pytest.param("org//name", NOT_A_REPO_ID + "an empty part", id="repo-id-empty-part"),
+    pytest.param("org/name/", NOT_A_REPO_ID + "an empty part", id="repo-id-trailing-slash"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("spec, problem", BAD_SPECS)
+def test_specs_that_would_leave_the_cache_are_refused(ws, monkeypatch, spec, problem):
+    """Shaped like a repo id but not one: never looked up in the Hugging Face cache, refused in one line."""
+    monkeypatch.chdir(ws.tmp)
+    dst = ws.dst()
+    for args in (["convert", spec, dst], ["validate", spec], ["validate", ws.source(), "--against", spec]):
+        assert_one_error(rmconvert(*args), spec, problem)
+    assert state(dst) is None
+    assert leftovers(dst.parent) == []
+
+
+def test_an_absolute_path_is_never_a_repo_id(ws):
+    src = ws.tmp / "org" / "name"
+    check_refused(src, ws.dst(), [], src, "no such directory")
+    assert rmconvert("convert", src, ws.dst()).stderr.count("repo id") == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["convert", "tiny-org/absent", "{dst}"], id="convert"),
+        pytest.param(["validate", "tiny-org/absent"], id="validate"),
+        pytest.param(["validate", "{src}", "--against", "tiny-org/absent"], id="validate-against"),
+    ],
+)
+def test_repo_id_not_in_the_cache_offline(ws, args):
+    """One line naming the repo and what to do; nothing at DST, nothing written into the cache."""
+    cache, dst = ws.tmp / "hf-cache", ws.dst()
+    cache.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env.update(HF_HUB_CACHE=str(cache), HF_HOME=str(ws.tmp / "hf-home"), HF_HUB_OFFLINE="1")
+    src = ws.source()
+    command = [rmconvert_script(), *(a.format(dst=dst, src=src) for a in args)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ws.tmp, check=False)
+    result = ProcessResult(done.returncode, done.stdout, done.stderr)
+    assert_one_error(result, "tiny-org/absent", "not in the Hugging Face cache")
+    assert "run once online, or `hf download tiny-org/absent`" in result.stderr
+    assert list(cache.iterdir()) == []
+    assert state(dst) is None
+
+
+class ProcessResult(NamedTuple):
+    """A finished process, shaped like click's Result for the assertions above."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    exception: None = None
+
+    @property
+    def output(self) -> str:
+        return self.stdout
 
 
 # --- --overwrite ------------------------------------------------------------------------------
