@@ -200,20 +200,20 @@ def _download(repo_id: str, revision: str | None) -> Path:
             raise _explained(exc, repo_id, revision) from None
     files = [sibling.rfilename for sibling in info.siblings or ()]
     weights = weights_of(files)
-    if weights is None:
+    if weights is None or "config.json" not in files:
         raise CheckpointError(
-            f"revision {revision or 'main'!r} has no {WEIGHT_FORMATS[0][0]}, {WEIGHT_FORMATS[1][0]} or shard index"
-            " at the top of the repo: not a transformers checkpoint",
+            f"revision {revision or 'main'!r} has no config.json, or no {WEIGHT_FORMATS[0][0]},"
+            f" {WEIGHT_FORMATS[1][0]} or shard index, at the top of the repo: not a transformers checkpoint",
             repo_id,
         )
-    try:
+    try:  # by revision, not commit: huggingface_hub then records refs/<revision> for later offline runs
+        hf_hub_download(repo_id, "config.json", revision=revision)  # a gated repo refuses here, before any bar
         weight_map = None
         if weights.endswith(".index.json"):
-            index = Path(hf_hub_download(repo_id, weights, revision=info.sha))
-            weight_map = read_json(index).get("weight_map")
+            weight_map = read_json(Path(hf_hub_download(repo_id, weights, revision=revision))).get("weight_map")
         wanted = files_to_fetch(files, weight_map if isinstance(weight_map, dict) else None)
         patterns = [glob.escape(name) for name in wanted]
-        return Path(snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 (gated files, a dropped connection, a full disk: one line each)

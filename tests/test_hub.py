@@ -12,13 +12,16 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download, try_to_load_from_cache
 
 from rmconvert.hub import files_to_fetch, repo_id_problem, revision_problem, weights_of
-from rmconvert.testing import add_to_hub_cache, git_blob_id, snapshot
+from rmconvert.testing import LFS_SUFFIXES, add_to_hub_cache, git_blob_id, snapshot
 
 LLAMA = "tiny-org/llama2"
 SHARDED = "tiny-org/llama2-sharded"
@@ -384,3 +387,192 @@ def test_repo_ids(spec, valid):
 )
 def test_revisions(revision, valid):
     assert (revision_problem(revision) is None) == valid, revision_problem(revision)
+
+
+# --- online, against a local stand-in for the Hub's HTTP API -----------------------------------
+
+
+class Hub(ThreadingHTTPServer):
+    """The parts of the Hub's HTTP API that huggingface_hub uses to download a model: ``/api/models/<repo>``
+    (and ``/revision/<rev>``, ``/tree/<rev>``), and ``/<repo>/resolve/<rev>/<file>`` with the headers the Hub
+    sends (X-Repo-Commit, ETag: the git sha1, or the sha256 of an LFS file). Errors carry the Hub's
+    X-Error-Code. ``downloads`` records every file whose bytes were sent."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), HubHandler)
+        self.repos: dict[str, dict] = {}  # repo id -> {"refs": {name: commit}, "commits": {commit: files}, ...}
+        self.downloads: list[str] = []
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def add(self, repo_id: str, files: dict[str, bytes], ref: str = "main", gated: bool = False) -> str:
+        """Publish ``files`` as branch ``ref`` of ``repo_id``; returns the commit hash."""
+        commit = hashlib.sha1(repr(sorted(files.items())).encode()).hexdigest()
+        repo = self.repos.setdefault(repo_id, {"refs": {}, "commits": {}, "gated": gated})
+        repo["refs"][ref] = commit
+        repo["commits"][commit] = files
+        return commit
+
+
+class HubHandler(BaseHTTPRequestHandler):
+    server: Hub
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def do_HEAD(self):
+        self.answer(body=False)
+
+    def do_GET(self):
+        self.answer(body=True)
+
+    def send(self, status: int, data: bytes, body: bool, **headers) -> None:
+        self.send_response(status)
+        for key, value in {"Content-Length": str(len(data)), **headers}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def error(self, status: int, code: str, body: bool) -> None:
+        message = json.dumps({"error": code}).encode()
+        self.send(status, message, body, **{"X-Error-Code": code, "Content-Type": "application/json"})
+
+    def answer(self, body: bool) -> None:
+        path = unquote(self.path.split("?")[0])
+        api = path.startswith("/api/models/")
+        parts = path.removeprefix("/api/models/" if api else "/").split("/")
+        repo = self.server.repos.get("/".join(parts[:2]))
+        if repo is None:
+            return self.error(404, "RepoNotFound", body)
+        rest = parts[2:]
+        if api:
+            kind, revision = (rest[0], "/".join(rest[1:])) if rest else ("info", "main")
+            if kind == "tree":
+                revision = rest[1]
+        else:  # <repo>/resolve/<revision>/<file>
+            kind, revision = "resolve", rest[1]
+        commit = revision if revision in repo["commits"] else repo["refs"].get(revision)
+        if commit is None:
+            return self.error(404, "RevisionNotFound", body)
+        files = repo["commits"][commit]
+        if kind in ("info", "revision"):
+            siblings = [{"rfilename": name} for name in sorted(files)]
+            info = {"id": "/".join(parts[:2]), "sha": commit, "siblings": siblings, "gated": repo["gated"] and "auto"}
+            return self.send(200, json.dumps(info).encode(), body, **{"Content-Type": "application/json"})
+        if kind == "tree":
+            tree = [self.entry(name, data) for name, data in sorted(files.items())]
+            return self.send(200, json.dumps(tree).encode(), body, **{"Content-Type": "application/json"})
+        if repo["gated"]:
+            return self.error(403, "GatedRepo", body)
+        name = "/".join(rest[2:])
+        if name not in files:
+            return self.error(404, "EntryNotFound", body)
+        entry = self.entry(name, files[name])
+        etag = entry["lfs"]["oid"] if "lfs" in entry else entry["oid"]
+        if body:
+            self.server.downloads.append(name)
+        self.send(200, files[name], body, **{"X-Repo-Commit": commit, "ETag": f'"{etag}"'})
+
+    @staticmethod
+    def entry(name: str, data: bytes) -> dict:
+        """A file of the /tree listing: its git oid, and for an LFS file its sha256."""
+        entry = {"type": "file", "path": name, "size": len(data), "oid": git_blob_id(data)}
+        if name.endswith(LFS_SUFFIXES):
+            entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+        return entry
+
+
+@pytest.fixture
+def online(tmp_path):
+    """A stand-in Hub on a local port, and the environment of an online run against it with an empty cache."""
+    server = Hub()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    cache = tmp_path / "cache"
+    env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": server.endpoint, "HF_HUB_DISABLE_XET": "1"}
+    yield server, cache, env
+    server.shutdown()
+    server.server_close()
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+JUNK = {
+    "pytorch_model.bin": b"PK\x03\x04 a pickle twin",
+    "tf_model.h5": b"\x89HDF",
+    "flax_model.msgpack": b"\x80",
+    "onnx/model.onnx": b"onnx",
+    "original/consolidated.00.pth": b"PK",
+    "consolidated.safetensors": b"\0" * 8,
+    "modeling_custom.py": b"raise SystemExit('never run')\n",
+    ".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n",
+}
+
+
+def test_online_conversion_downloads_only_what_it_reads(online, build, tmp_path, cwd):
+    server, cache, env = online
+    source = build("llama2", max_shard_size="100KB")
+    published = {**files_of(source), "README.md": b"---\nlicense: apache-2.0\n---\n", **JUNK}
+    server.add(SHARDED, published)
+    result = run("convert", SHARDED, tmp_path / "rm", cache=cache, cwd=cwd, **env)
+    assert result.returncode == 0, result.stderr
+    assert sorted(server.downloads) == sorted([*files_of(source), "README.md"])
+    local = tmp_path / "local"
+    shutil.copytree(source, local)
+    (local / "README.md").write_bytes(published["README.md"])
+    assert snapshot(tmp_path / "rm") == converted(local, tmp_path / "local-rm", cache, cwd)
+    # the cache now serves an offline run, refs/main included
+    server.downloads.clear()
+    assert converted(SHARDED, tmp_path / "offline", cache, cwd) == snapshot(tmp_path / "rm")
+    again = run("convert", SHARDED, tmp_path / "again", cache=cache, cwd=cwd, **env)
+    assert again.returncode == 0, again.stderr
+    assert server.downloads == []  # everything was cached
+
+
+def test_online_revision_and_bin_only_repo(online, build, tmp_path, cwd):
+    server, cache, env = online
+    server.add(LLAMA, files_of(build("llama2")))
+    server.add(LLAMA, files_of(build("llama2", seed=1)), ref="v2")
+    result = run("convert", LLAMA, tmp_path / "v2", "--revision", "v2", cache=cache, cwd=cwd, **env)
+    assert result.returncode == 0, result.stderr
+    assert snapshot(tmp_path / "v2") == converted(build("llama2", seed=1), tmp_path / "local-v2", cache, cwd)
+
+    pickled = {k: v for k, v in files_of(build("llama2")).items() if k != SINGLE}
+    server.add("tiny-org/pickled", {**pickled, "pytorch_model.bin": JUNK["pytorch_model.bin"], "tf_model.h5": b"h5"})
+    server.downloads.clear()
+    run("convert", "tiny-org/pickled", tmp_path / "pickled", cache=cache, cwd=cwd, **env)  # the .bin reader decides
+    assert sorted(server.downloads) == sorted([*pickled, "pytorch_model.bin"])
+
+
+def test_online_errors(online, build, tmp_path, cwd):
+    server, cache, env = online
+    files = files_of(build("llama2"))
+    server.add("tiny-org/gated", files, gated=True)
+    server.add("tiny-org/no-weights", {k: v for k, v in files.items() if k != SINGLE})
+    server.add(LLAMA, files)
+    cases = [
+        ("tiny-org/absent", [], "no such repository on the Hugging Face Hub (if it is private, log in with `hf auth"),
+        (
+            "tiny-org/gated",
+            [],
+            f"a gated repository: accept its terms at {server.endpoint}/tiny-org/gated, then log in with `hf auth login`",
+        ),
+        (LLAMA, ["--revision", "v9"], "no revision 'v9' on the Hugging Face Hub"),
+        (
+            "tiny-org/no-weights",
+            [],
+            "revision 'main' has no config.json, or no model.safetensors, pytorch_model.bin or shard index",
+        ),
+    ]
+    for repo, options, problem in cases:
+        result = run("convert", repo, tmp_path / "rm", *options, cache=cache, cwd=cwd, **env)
+        assert_one_error(result, repo, problem)
+        assert not (tmp_path / "rm").exists()
+        checked = run("validate", repo, *options, cache=cache, cwd=cwd, **env)
+        assert_one_error(checked, repo, problem)
+    assert server.downloads == []
