@@ -86,8 +86,9 @@ def resolve_source(spec: str | os.PathLike, revision: str | None = None) -> Path
 
     An existing path, or any ``os.PathLike``, is a local path (``revision`` must then be None). A string that
     is a repo id ``org/name`` resolves to its snapshot in the Hugging Face cache at ``revision`` (a branch, tag
-    or commit; default main), downloaded first unless offline. Anything else is returned as a path, for the
-    caller's "no such directory". Raises CheckpointError (one line naming the repo id) or UsageError.
+    or commit; default main), downloaded first unless offline. A relative spec with ``..``, an empty part or a
+    backslash is refused (neither a directory nor a repo id); anything else is returned as a path, for the
+    caller's "no such directory". Raises CheckpointError (one line naming the spec) or UsageError.
     """
     local = isinstance(spec, os.PathLike) or os.path.exists(spec)
     if revision is not None:
