@@ -155,7 +155,7 @@ class Subject:
     tokenizer_error: CheckpointError | None
     generation_config: dict | None
     registry: Registry
-    repo: str | None = None  # the Hub repo id (and --revision) it was named by; None for a directory
+    repo: tuple[str, str | None] | None = None  # (repo id, revision) when it was named by a Hub repo id
 
     @property
     def config(self) -> dict:
@@ -184,7 +184,12 @@ class Subject:
     def finding(self, code: str, file: str, where: str, message: str) -> Finding:
         """A finding of a built-in code, with its severity and fix hint."""
         kind = CODES[code]
-        fixed = f"{self.repo.split()[0].split('/')[-1]}-fixed" if self.repo else f"{self.path}-fixed"
-        return Finding(
-            code, kind.severity, file, where, message, kind.hint.format(path=self.repo or self.path, fixed=fixed)
-        )
+        return Finding(code, kind.severity, file, where, message, kind.hint.format(**self._hint_names()))
+
+    def _hint_names(self) -> dict[str, str]:
+        """``{path}`` and ``{fixed}`` of fix hints: a repo id is fixed into a local directory, never the cache."""
+        if self.repo is None:
+            return {"path": str(self.path), "fixed": f"{self.path}-fixed"}
+        repo_id, revision = self.repo
+        named = f"{repo_id} --revision {revision}" if revision else repo_id
+        return {"path": named, "fixed": f"{repo_id.split('/')[-1]}-fixed"}

@@ -21,7 +21,7 @@ from .tokenizer_files import TokenizerFiles
 __all__ = ["CODES", "ERROR", "WARNING", "Finding", "Subject", "validate"]
 
 
-def _read(path: Path, registry: Registry, repo: str | None = None) -> Subject:
+def _read(path: Path, registry: Registry, repo: tuple[str, str | None] | None = None) -> Subject:
     ckpt = open_checkpoint(path)
     registered = registry.for_model_type(ckpt.model_type)
     try:
@@ -51,7 +51,7 @@ def validate(
     if against is None and against_revision is not None:
         raise UsageError("--against-revision applies to --against SRC, which is not given")
     spec, path = path, resolve_source(path, revision)
-    repo = None if path == Path(spec) else spec + (f" --revision {revision}" if revision else "")
+    repo = None if path == Path(spec) else (str(spec), revision)  # a repo id resolves to a cache snapshot
     if against is not None:
         against = resolve_source(against, against_revision)
     registry = registry or load_registry()
