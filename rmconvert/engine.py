@@ -212,7 +212,7 @@ def _plan_shards(
         changed.append(
             len(kept) != len(shard.tensors)
             or any(t.parts != OutTensor.copy_of(shard.tensors[t.name]).parts for t in kept)
-            or (shard.metadata or {}).get("format") != "pt"
+            or (shard.path.suffix == ".safetensors" and (shard.metadata or {}).get("format") != "pt")
         )
     # The head joins a shard that is rewritten anyway (where the old head or lm_head was), else the last one.
     home = next((i for i, c in enumerate(changed) if c and grouped[i]), len(grouped) - 1)
@@ -225,7 +225,9 @@ def _plan_shards(
         groups = _reshard([t for group in grouped for t in group], options.max_shard_size)
         sources: list[Header | None] = [None] * len(groups)
     else:
-        kept_groups = [(g, s if not c else None) for g, s, c in zip(grouped, ckpt.shards, changed) if g]
+        # a .bin shard is always assembled (into safetensors), but places the head as its safetensors twin would
+        copyable = [not c and s.path.suffix == ".safetensors" for s, c in zip(ckpt.shards, changed)]
+        kept_groups = [(g, s if ok else None) for g, s, ok in zip(grouped, ckpt.shards, copyable) if g]
         groups, sources = [g for g, _ in kept_groups], [s for _, s in kept_groups]
     names = _shard_names(len(groups), ckpt.index is not None or len(groups) > 1)
     shards = {name: source or group for name, group, source in zip(names, groups, sources)}
