@@ -29,7 +29,7 @@ import pytest
 from click.testing import CliRunner
 
 from rmconvert.cli import cli
-from rmconvert.testing import save_as_bin, snapshot
+from rmconvert.testing import bin_name, save_as_bin, snapshot
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -487,7 +487,8 @@ BAD_SOURCES = [
     source_case("bin-non-contiguous-view", "is a non-contiguous view",
                 lambda s: (to_bin(s), edit_tensor(s / BIN, EMBEDDING, shape=(64, 293), stride=(1, 64))), BIN),
     source_case("bin-index-names-missing-shard", "cannot read: No such file or directory",
-                lambda s: (to_bin(s), second_bin_shard(s).unlink()), second_bin_shard, sharded=True),
+                lambda s: (to_bin(s), second_bin_shard(s).unlink()),
+                lambda s: s / bin_name(second_shard(s).name), sharded=True),
     source_case("bin-index-mixes-formats", "weight_map mixes .bin and .safetensors files",
                 lambda s: (to_bin(s), edit_json(s / BIN_INDEX, lambda i: i["weight_map"].update(
                     {EMBEDDING: "model-00001-of-00004.safetensors"}))), BIN_INDEX, sharded=True),
@@ -544,8 +545,8 @@ def check_refused(src: Path, dst: Path, args, culprit, problem: str) -> None:
 @pytest.mark.parametrize("damage, culprit, problem, sharded, options", BAD_SOURCES)
 def test_convert_refuses_bad_source(ws, damage, culprit, problem, sharded, options):
     src = ws.source(sharded)
-    damage(src)
     where = culprit(src) if callable(culprit) else src / culprit if culprit != "." else src
+    damage(src)
     check_refused(src, ws.dst(), options, where, problem)
 
 
