@@ -103,6 +103,7 @@ def against_source(s: Subject, source: Path, registry: Registry, load: bool) -> 
     embedding = arch.embedding_name(s.ckpt) if arch else None
     findings = []
     dropped = (arch.dropped(src) if arch else set()) | {"score.weight", "value_head.weight"}
+    dropped |= {n for n in src.tensors if n.startswith("v_head.")}  # a TRL value head became score.weight
     for name, theirs in sorted(src.tensors.items()):
         if name in dropped:
             continue

@@ -192,8 +192,12 @@ def test_value_head_becomes_score(build, tmp_path, where, bias):
     """score.weight is the value head's weight byte for byte, in its own dtype; v_head and lm_head are gone; the
     reward equals the value head's output (TRL: last hidden state @ w + b) minus its bias."""
     src, head = with_value_head(build("llama2"), tmp_path / "src", where, bias)
-    codes = {f.code for f in validate(src)}
-    assert "RM015" in codes and "RM010" not in codes
+    findings = {f.code: f for f in validate(src)}
+    assert "RM010" not in findings and findings["RM015"].severity == "error"
+    assert findings["RM015"].hint.startswith(f"rmconvert convert {src} {src}-fixed")
+    assert findings["RM015"].file == (
+        "pytorch_model.bin" if where == "inline-bin" else where.replace("inline", "model.safetensors")
+    )
     result = convert(src, tmp_path / "rm")
     rm = tmp_path / "rm"
     weights = load_file(rm / "model.safetensors")
@@ -205,6 +209,7 @@ def test_value_head_becomes_score(build, tmp_path, where, bias):
     bias_warnings = [w for w in result["warnings"] if "bias" in w]
     assert bool(bias_warnings) == bool(bias) and (not bias or "0.75" in bias_warnings[0])
     assert [f.code for f in validate(rm) if f.severity == "error"] == []
+    assert validate(rm, against=src) == []  # the backbone is the source's, v_head.* and lm_head dropped
 
     reward_model = transformers.AutoModelForSequenceClassification.from_pretrained(rm).eval()
     causal = transformers.AutoModelForCausalLM.from_pretrained(build("llama2")).eval()
