@@ -318,6 +318,8 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     std = options.init_std if options.init_std is not None else default_init_std(hidden)
     score_dtype = existing.dtype if existing else emb.dtype
     parts, head_how = score_parts(existing, labels, hidden, score_dtype, std, options.seed, options.from_bt)
+    if value_head:
+        head_how = f"value head {head}" + (" as [zeros; w]" if labels == 2 else "") + f" ({existing.dtype})"
     score = OutTensor("score.weight", score_dtype, (labels, hidden), tuple(parts))
     shards, index = _plan_shards(ckpt, dropped, replaced, score, options)
 
