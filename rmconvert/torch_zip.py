@@ -40,13 +40,36 @@ STORAGE_DTYPES = {
     "ByteStorage": "U8",
     "BoolStorage": "BOOL",
 }
-#: torch dtypes a pickle may name (weights_only allows them); they never become tensors here.
-TORCH_DTYPES = {"bfloat16", "float16", "half", "float32", "float", "float64", "double", "int64", "long", "int32"}
-TORCH_DTYPES |= {"int", "int16", "short", "int8", "uint8", "bool", "complex64"}
+#: torch dtypes a pickle may name -> safetensors dtype (``_rebuild_tensor_v3`` names the dtype of a tensor whose
+#: storage is untyped: float8, uint16, ...).
+TORCH_DTYPES = {
+    **dict.fromkeys(("bfloat16",), "BF16"),
+    **dict.fromkeys(("float16", "half"), "F16"),
+    **dict.fromkeys(("float32", "float"), "F32"),
+    **dict.fromkeys(("float64", "double"), "F64"),
+    **dict.fromkeys(("int64", "long"), "I64"),
+    **dict.fromkeys(("int32", "int"), "I32"),
+    **dict.fromkeys(("int16", "short"), "I16"),
+    "int8": "I8",
+    "uint8": "U8",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "bool": "BOOL",
+    "complex64": "C64",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e8m0fnu": "F8_E8M0",
+}
 
 
 @dataclass(frozen=True)
 class _StorageType:
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _Dtype:
     dtype: str
 
 
@@ -61,12 +84,13 @@ class _Storage:
 
 @dataclass(frozen=True)
 class _Tensor:
-    """What ``torch._utils._rebuild_tensor_v2`` would build: a view of a storage."""
+    """What ``torch._utils._rebuild_tensor_v2`` (or ``_v3``) would build: a view of a storage."""
 
     storage: _Storage
-    offset: int  # in elements
+    offset: int  # in elements of dtype
     shape: tuple[int, ...]
     stride: tuple[int, ...]
+    dtype: str  # the storage's, or the one _rebuild_tensor_v3 names
 
 
 class _Refused(Exception):
@@ -85,7 +109,15 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_rest) -> _Tensor:
         raise _Refused("a tensor is built from something that is not a storage")
     if type(storage_offset) is not int or storage_offset < 0:
         raise _Refused(f"storage offset {storage_offset!r} is not a non-negative integer")
-    return _Tensor(storage, storage_offset, _ints(size, "size"), _ints(stride, "stride"))
+    return _Tensor(storage, storage_offset, _ints(size, "size"), _ints(stride, "stride"), storage.dtype)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, hooks, dtype, *_rest) -> _Tensor:
+    """Stands in for ``torch._utils._rebuild_tensor_v3``: a view of an untyped storage as ``dtype``."""
+    if not isinstance(dtype, _Dtype):
+        raise _Refused(f"tensor dtype {dtype!r} is not a torch dtype")
+    tensor = _rebuild_tensor(storage, storage_offset, size, stride)
+    return _Tensor(tensor.storage, tensor.offset, tensor.shape, tensor.stride, dtype.dtype)
 
 
 def _rebuild_parameter(data, *_rest) -> _Tensor:
@@ -99,6 +131,8 @@ def _rebuild_parameter(data, *_rest) -> _Tensor:
 GLOBALS = {
     ("collections", "OrderedDict"): OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch.storage", "UntypedStorage"): _StorageType("U8"),  # counted in bytes
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
 }
 
@@ -112,7 +146,7 @@ class _StateDictUnpickler(pickle.Unpickler):
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(STORAGE_DTYPES[name])
         if module == "torch" and name in TORCH_DTYPES:
-            return _StorageType(name)
+            return _Dtype(TORCH_DTYPES[name])
         raise _Refused(f"the pickle names {module}.{name}, which a state dict of tensors does not need; not run")
 
     def persistent_load(self, pid) -> _Storage:
@@ -219,8 +253,8 @@ def _read_archive(archive: zipfile.ZipFile, f, path: Path, size: int) -> Header:
             raise CheckpointError(f"tensor {name!r}: no zip entry data/{storage.key} holds its storage", path)
         if entry.compress_type != zipfile.ZIP_STORED or entry.flag_bits & 0x1:
             raise CheckpointError(f"zip entry {entry.filename} is compressed or encrypted; torch stores it plain", path)
-        bits = DTYPE_BITS[storage.dtype]
-        if entry.file_size * 8 != storage.numel * bits:
+        storage_bits, bits = storage.numel * DTYPE_BITS[storage.dtype], DTYPE_BITS[tensor.dtype]
+        if entry.file_size * 8 != storage_bits:
             raise CheckpointError(
                 f"tensor {name!r}: storage {storage.key} holds {entry.file_size} bytes,"
                 f" not {storage.numel} elements of {storage.dtype}",
@@ -233,10 +267,10 @@ def _read_archive(archive: zipfile.ZipFile, f, path: Path, size: int) -> Header:
                 f" {list(tensor.stride)}); save it with .contiguous() or as safetensors",
                 path,
             )
-        if tensor.offset + numel > storage.numel:
+        if (tensor.offset + numel) * bits > storage_bits:
             raise CheckpointError(
-                f"tensor {name!r}: elements {tensor.offset}..{tensor.offset + numel} run past its storage"
-                f" of {storage.numel}",
+                f"tensor {name!r}: elements {tensor.offset}..{tensor.offset + numel} of {tensor.dtype} run past its"
+                f" storage of {storage_bits // 8} bytes",
                 path,
             )
         if storage.key not in offsets:
@@ -244,5 +278,5 @@ def _read_archive(archive: zipfile.ZipFile, f, path: Path, size: int) -> Header:
             if offsets[storage.key] + entry.file_size > size:
                 raise CheckpointError(f"truncated: zip entry {entry.filename} runs past the end of the file", path)
         start = offsets[storage.key] + tensor.offset * bits // 8
-        tensors[name] = TensorInfo(name, storage.dtype, tensor.shape, path, start, numel * bits // 8)
+        tensors[name] = TensorInfo(name, tensor.dtype, tensor.shape, path, start, numel * bits // 8)
     return Header(path, tensors, None, size)

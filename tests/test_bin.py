@@ -67,11 +67,14 @@ def test_reader_maps_tensors_onto_the_file(tmp_path):
         "i64": torch.arange(5),
         "bool": torch.tensor([True, False, True]),
         "empty": torch.zeros(0, 4),
+        "f8": torch.randn(4, 2).to(torch.float8_e4m3fn),  # an untyped storage, pickled by _rebuild_tensor_v3
+        "u16": torch.arange(6).to(torch.uint16)[2:],
     }
     torch.save(state, tmp_path / "w.bin")
     header = read_torch_zip(tmp_path / "w.bin")
     assert set(header.tensors) == set(state)
     dtypes = {"embed": "F32", "row2": "F32", "bf16": "BF16", "f16": "F16", "i64": "I64", "bool": "BOOL"}
+    dtypes |= {"f8": "F8_E4M3", "u16": "U16"}
     with open(tmp_path / "w.bin", "rb") as f:
         for name, tensor in state.items():
             info = header.tensors[name]
