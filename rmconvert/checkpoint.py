@@ -1,4 +1,5 @@
-"""Read a Hugging Face checkpoint directory: config, tensor headers, index, without loading weights."""
+"""Read a Hugging Face checkpoint directory: config, where every tensor is (safetensors headers or ``.bin`` pickles read
+without running them), the index, a value-head side file; no weights loaded."""
 
 from __future__ import annotations
 
