@@ -231,3 +231,17 @@ def test_value_head_keeps_its_float32_dtype_on_a_bf16_model(build, tmp_path):
     score = load_file(tmp_path / "rm" / "model.safetensors")["score.weight"]
     assert score.dtype == torch.float32
     assert torch.equal(score, torch.cat([torch.zeros(1, score.shape[1]), head["v_head.summary.weight"]]))
+
+
+def test_value_head_bias_warning_on_stderr(build, tmp_path):
+    """The CLI names a non-zero bias on stderr and still exits 0; a zero bias converts silently."""
+    from click.testing import CliRunner
+
+    from rmconvert.cli import cli
+
+    for bias, expected in ((0.75, ["rmconvert: warning: value head bias 0.75 dropped"]), (0.0, [])):
+        src, _ = with_value_head(build("llama2"), tmp_path / f"src-{bias}", "value_head.safetensors", bias)
+        result = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / f"rm-{bias}")])
+        assert result.exit_code == 0, result.stderr
+        warned = [line for line in result.stderr.splitlines() if line.startswith("rmconvert: warning: value head")]
+        assert [line[: len(e)] for line, e in zip(warned, expected)] == expected and len(warned) == len(expected)
