@@ -213,6 +213,8 @@ def test_value_head_becomes_score(build, tmp_path, where, bias):
     assert bool(bias_warnings) == bool(bias) and (not bias or "0.75" in bias_warnings[0])
     assert [f.code for f in validate(rm) if f.severity == "error"] == []
     assert validate(rm, against=src) == []  # the backbone is the source's, v_head.* and lm_head dropped
+    if where == "value_head.safetensors":  # loaded: rewards are the value head's output minus its bias
+        assert validate(rm, load=True, against=src) == []
 
     reward_model = transformers.AutoModelForSequenceClassification.from_pretrained(rm).eval()
     causal = transformers.AutoModelForCausalLM.from_pretrained(build("llama2")).eval()
@@ -222,6 +224,17 @@ def test_value_head_becomes_score(build, tmp_path, where, bias):
         value = hidden @ head["v_head.summary.weight"].T + head["v_head.summary.bias"]
         reward = reward_model(ids).logits
     assert torch.allclose(reward, value - bias, atol=1e-5), (reward, value)
+
+
+def test_validate_against_a_value_head_source_compares_rewards(build, tmp_path):
+    """--load --against a value-head source: a converted head that is not the value head's is RM123."""
+    src, _ = with_value_head(build("llama2"), tmp_path / "src", "value_head.bin", 0.5)
+    convert(src, tmp_path / "rm", head="bt")
+    assert validate(tmp_path / "rm", load=True, against=src) == []
+    weights = load_file(tmp_path / "rm" / "model.safetensors")
+    weights["score.weight"] = weights["score.weight"] * 2
+    save_file(weights, tmp_path / "rm" / "model.safetensors", metadata={"format": "pt"})
+    assert [f.code for f in validate(tmp_path / "rm", load=True, against=src)] == ["RM123"]
 
 
 def test_value_head_keeps_its_float32_dtype_on_a_bf16_model(build, tmp_path):
