@@ -135,6 +135,22 @@ def test_save_pretrained_bin_converts_like_safetensors(build, tmp_path, kind, sh
     assert "RM042" in codes and not codes & {"RM001", "RM040", "RM041"}
 
 
+@pytest.mark.skipif(not TRANSFORMERS_4, reason="transformers 5 saves only safetensors")
+@pytest.mark.parametrize("head", ["scalar", "bt"])
+def test_open_instruct_reward_model_bin_converts_like_safetensors(build, tmp_path, head):
+    """open-instruct's reward_modeling.py saves AutoModelForSequenceClassification with safe_serialization=False."""
+    src = build("llama3", labels=1, max_shard_size="100KB")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(src)
+    for name, safe in (("st", True), ("bin", False)):
+        model.save_pretrained(tmp_path / name, safe_serialization=safe, max_shard_size="100KB")
+        for tokenizer_file in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(src / tokenizer_file, tmp_path / name)
+    assert (tmp_path / "bin" / "pytorch_model.bin.index.json").exists()
+    report = assert_same_conversion(tmp_path / "st", tmp_path / "bin", tmp_path, "head", head)
+    assert report["source_kind"] == "reward model"
+    assert validate(tmp_path / "from-bin", load=True, against=tmp_path / "bin") == []
+
+
 def test_halos_two_label_bin_to_scalar_takes_row_1_and_keeps_pad(build, tmp_path):
     """A HALOs reward model (2 labels, pad = eos) saved as .bin: --head scalar is row 1 exactly, pad kept."""
     src = build("llama2", labels=2, pad_token_id=2)  # </s>
