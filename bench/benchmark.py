@@ -38,6 +38,8 @@ MODELS = {
         "heads": 16,
         "vocab": 32000,
     },
+    # llama-1b's weights saved by torch.save as .bin shards (pytorch_model-0000i-of-00004.bin + index).
+    "llama-1b-bin": {"bin_of": "llama-1b"},
     # ~0.75B OLMoE with 64 experts per layer, stored per expert on disk.
     "olmoe-0.7b": {
         "model_type": "olmoe",
@@ -70,9 +72,17 @@ tok.save_pretrained(dst)
 
 
 def build(name: str, spec: dict, cache: Path) -> Path:
-    """A random bf16 causal LM saved by transformers in ~500 MB shards, with a word-level tokenizer."""
+    """A random bf16 causal LM saved by transformers in ~500 MB shards, with a word-level tokenizer (or, for
+    ``bin_of``, that model's shards saved by ``torch.save`` as ``.bin``)."""
     path = cache / name
     if (path / "config.json").exists():
+        return path
+    if "bin_of" in spec:
+        from rmconvert.testing import save_as_bin
+
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_as_bin(build(spec["bin_of"], MODELS[spec["bin_of"]], cache), tmp).rename(path)
         return path
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers

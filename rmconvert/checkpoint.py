@@ -1,4 +1,5 @@
-"""Read a Hugging Face checkpoint directory: config, tensor headers, index, without loading weights."""
+"""Read a Hugging Face checkpoint directory: config, where every tensor is (safetensors headers or ``.bin`` pickles read
+without running them), the index, a value-head side file; no weights loaded."""
 
 from __future__ import annotations
 
@@ -9,10 +10,27 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .safetensors_io import Header, TensorInfo, read_header
+from .torch_zip import read_torch_zip
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+#: Weight layouts in order of preference (safetensors win, as in transformers): (index, single file, suffix).
+FORMATS = ((INDEX, SINGLE, ".safetensors"), (BIN_INDEX, BIN_SINGLE, ".bin"))
+#: A value head saved beside a causal-LM checkpoint (LlamaFactory, ms-swift), preferred first.
+VALUE_HEAD_FILES = ("value_head.safetensors", "value_head.bin")
+VALUE_HEAD = "v_head.summary."  # TRL's AutoModelForCausalLMWithValueHead: v_head.summary.weight [1, H], .bias [1]
+
+
+def read_weights(path: str | Path) -> Header:
+    """Every tensor's location in a weights file, safetensors or torch zip (``.bin``), by its suffix."""
+    path = Path(path)
+    if path.suffix == ".bin":
+        return read_torch_zip(path)
+    if path.suffix == ".safetensors":
+        return read_header(path)
+    raise CheckpointError("not a weights file: expected .safetensors or .bin", path)
 
 
 def read_json(path: Path, required: bool = True) -> dict | None:
@@ -46,9 +64,20 @@ class Checkpoint:
 
     path: Path
     config: dict
-    shards: list[Header]
+    shards: list[Header]  # the weight files, then a value-head side file if there is one
     index: dict | None
     tensors: dict[str, TensorInfo]
+    index_name: str | None = None  # the index file read (safetensors' or .bin's)
+
+    @property
+    def weights_file(self) -> str:
+        """The file that says where tensors are: the index of a sharded checkpoint, else the single file."""
+        return self.index_name or self.shards[0].path.name
+
+    @property
+    def pickled(self) -> bool:
+        """Whether the weights are PyTorch pickles (``.bin``) rather than safetensors."""
+        return self.shards[0].path.suffix == ".bin"
 
     @property
     def config_path(self) -> Path:
@@ -67,27 +96,42 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def _shard_names(path: Path) -> tuple[list[str], dict | None]:
-    index_path = path / INDEX
-    index = read_json(index_path, required=False)
-    if index is None:
-        if (path / SINGLE).exists():
-            return [SINGLE], None
-        pickled = [name for name in PICKLES if (path / name).exists()]
-        problem = (
-            f"only safetensors weights are supported, found {pickled[0]} (pickle files can run code when loaded)"
-            if pickled
-            else f"no {SINGLE} or {INDEX}"
-        )
-        raise CheckpointError(problem, path)
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError("weight_map must map tensor names to file names", index_path)
-    names = sorted(set(weight_map.values()))
-    for name in names:
-        if "/" in name or "\\" in name or name in ("", ".", ".."):
-            raise CheckpointError(f"weight_map names {name!r}, which is not a file in the checkpoint", index_path)
-    return names, index
+def _shard_names(path: Path) -> tuple[list[str], dict | None, str | None]:
+    """Weight file names, the index (or None) and its file name, of the preferred format present."""
+    for index_name, single, suffix in FORMATS:
+        index_path = path / index_name
+        index = read_json(index_path, required=False)
+        if index is None:
+            if (path / single).exists():
+                return [single], None, None
+            continue
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError("weight_map must map tensor names to file names", index_path)
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if "/" in name or "\\" in name or name in ("", ".", ".."):
+                raise CheckpointError(f"weight_map names {name!r}, which is not a file in the checkpoint", index_path)
+        if {Path(n).suffix for n in names} >= {".bin", ".safetensors"}:
+            raise CheckpointError("weight_map mixes .bin and .safetensors files; re-save in one format", index_path)
+        odd = next((n for n in names if not n.endswith(suffix)), None)
+        if odd is not None:
+            raise CheckpointError(f"weight_map names {odd!r}, not a {suffix} file", index_path)
+        return names, index, index_name
+    raise CheckpointError(f"no {SINGLE}, {INDEX}, {BIN_SINGLE} or {BIN_INDEX}", path)
+
+
+def _value_head_file(path: Path) -> Header | None:
+    """A value head saved beside the weights (``value_head.safetensors`` or ``.bin``), or None."""
+    name = next((n for n in VALUE_HEAD_FILES if (path / n).exists()), None)
+    if name is None:
+        return None
+    header = read_weights(path / name)
+    odd = sorted(n for n in header.tensors if not n.startswith(VALUE_HEAD))
+    if odd or not header.tensors:
+        problem = f"holds {odd[0]!r}" if odd else "holds no tensor"
+        raise CheckpointError(f"{problem}; a value head file holds only {VALUE_HEAD}weight and bias", path / name)
+    return header
 
 
 def require_directory(path: Path) -> None:
@@ -121,13 +165,14 @@ def check_links(path: Path) -> None:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Read config.json and every safetensors header of a checkpoint; check the index is exact."""
+    """Read config.json and where every tensor is (safetensors headers or ``.bin`` pickles, plus a value-head
+    side file); check the index is exact."""
     path = Path(path)
     require_directory(path)
     check_links(path)
     config = read_config(path)
-    names, index = _shard_names(path)
-    shards = [read_header(path / name) for name in names]
+    names, index, index_name = _shard_names(path)
+    shards = [read_weights(path / name) for name in names]
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
         for name, info in shard.tensors.items():
@@ -139,9 +184,16 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         for name, info in tensors.items():
             if mapped.get(name) != info.path.name:
                 raise CheckpointError(
-                    f"weight_map puts {name!r} in {mapped.get(name)!r} but it is in {info.path.name}", path / INDEX
+                    f"weight_map puts {name!r} in {mapped.get(name)!r} but it is in {info.path.name}", path / index_name
                 )
         absent = sorted(set(mapped) - set(tensors))
         if absent:
-            raise CheckpointError(f"weight_map names {absent[0]!r}, which no shard holds", path / INDEX)
-    return Checkpoint(path, config, shards, index, tensors)
+            raise CheckpointError(f"weight_map names {absent[0]!r}, which no shard holds", path / index_name)
+    side = _value_head_file(path)
+    if side is not None:
+        for name, info in side.tensors.items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} is also in {tensors[name].path.name}", side.path)
+            tensors[name] = info
+        shards.append(side)
+    return Checkpoint(path, config, shards, index, tensors, index_name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .checkpoint import INDEX
+from .checkpoint import VALUE_HEAD
 from .errors import CheckpointError
 from .findings import Finding, Subject
 from .pad import eos_ids
@@ -48,11 +48,25 @@ def openrlhf(s: Subject) -> Iterator[Finding]:
         )
 
 
+def value_head(s: Subject) -> Iterator[Finding]:
+    weight, bias = s.ckpt.tensors.get(VALUE_HEAD + "weight"), s.ckpt.tensors.get(VALUE_HEAD + "bias")
+    if weight is not None and "score.weight" not in s.ckpt.tensors:
+        yield s.finding(
+            "RM015",
+            weight.path.name,
+            weight.name,
+            f"TRL value head {list(weight.shape)}{' with a bias' if bias is not None else ''} in {weight.path.name};"
+            " transformers loads a random score head instead",
+        )
+
+
 def head(s: Subject) -> Iterator[Finding]:
     hidden = s.hidden_size
     for name in sorted(n for n in s.ckpt.tensors if n.startswith("lm_head.")):
         yield s.finding("RM013", s.ckpt.tensors[name].path.name, name, "a reward model has only score.weight")
     score = s.ckpt.tensors.get("score.weight")
+    if score is None and VALUE_HEAD + "weight" in s.ckpt.tensors:
+        return  # RM015
     if score is None:
         yield s.finding("RM010", s.weights_file, "score.weight", "no score head: no shard holds score.weight")
         return
@@ -124,12 +138,23 @@ def padding_side(s: Subject) -> Iterator[Finding]:
 def index(s: Subject) -> Iterator[Finding]:
     if s.ckpt.index is None:
         return
-    metadata = s.ckpt.index.get("metadata")
-    total = sum(t.nbytes for t in s.ckpt.tensors.values())
+    metadata, name = s.ckpt.index.get("metadata"), s.ckpt.index_name
+    indexed = set(s.ckpt.index["weight_map"].values())
+    # tensors sharing a storage (tied, in a .bin) count once, as transformers counts them
+    total = sum(
+        nbytes
+        for path, _, nbytes in {(t.path, t.offset, t.nbytes) for t in s.ckpt.tensors.values()}
+        if path.name in indexed
+    )
     if not isinstance(metadata, dict):
-        yield s.finding("RM040", INDEX, "/metadata", "missing")
+        yield s.finding("RM040", name, "/metadata", "missing")
     elif metadata.get("total_size") != total:
-        yield s.finding("RM041", INDEX, "/metadata/total_size", f"{metadata.get('total_size')!r}; tensors hold {total}")
+        yield s.finding("RM041", name, "/metadata/total_size", f"{metadata.get('total_size')!r}; tensors hold {total}")
+
+
+def pickled(s: Subject) -> Iterator[Finding]:
+    if s.ckpt.pickled:
+        yield s.finding("RM042", s.weights_file, "", "PyTorch pickle weights (.bin); safetensors are safe and faster")
 
 
 def dropout(s: Subject) -> Iterator[Finding]:
@@ -146,6 +171,7 @@ STATIC = (
     config_schema,
     remote_code,
     openrlhf,
+    value_head,
     head,
     embedding,
     tokenizer_files,
@@ -153,5 +179,6 @@ STATIC = (
     pad,
     padding_side,
     index,
+    pickled,
     dropout,
 )

@@ -18,10 +18,20 @@ from pathlib import Path
 
 from . import __version__
 from .architecture import Architecture
-from .checkpoint import INDEX, SINGLE, Checkpoint, open_checkpoint, read_json, require_directory, text_config
+from .checkpoint import (
+    BIN_INDEX,
+    INDEX,
+    SINGLE,
+    VALUE_HEAD,
+    Checkpoint,
+    open_checkpoint,
+    read_json,
+    require_directory,
+    text_config,
+)
 from .dtypes import FLOAT_DTYPES, TORCH_NAMES
 from .errors import CheckpointError, OutputError, PluginError, UsageError
-from .head import default_init_std, mean_row_part, score_parts
+from .head import default_init_std, mean_row_part, read_scalar, score_parts
 from .host import Registered, Registry, load_registry
 from .hub import resolve_source
 from .output import FILE_MODE, check_destination, staged, sync_file, write_file
@@ -94,9 +104,29 @@ class Plan:
 
 
 def _head_tensor(ckpt: Checkpoint) -> str:
-    """Name of an existing reward head: ``score.weight``, or OpenRLHF's ``<value_head_prefix>.weight``."""
+    """Name of an existing reward head: ``score.weight``, OpenRLHF's ``<value_head_prefix>.weight``, or TRL's
+    value head ``v_head.summary.weight`` (inline, or in a value_head file beside the weights)."""
     prefix = ckpt.config.get("value_head_prefix")
-    return f"{prefix}.weight" if isinstance(prefix, str) and f"{prefix}.weight" in ckpt.tensors else "score.weight"
+    if isinstance(prefix, str) and f"{prefix}.weight" in ckpt.tensors:
+        return f"{prefix}.weight"
+    if "score.weight" not in ckpt.tensors and VALUE_HEAD + "weight" in ckpt.tensors:
+        return VALUE_HEAD + "weight"
+    return "score.weight"
+
+
+def _value_head_bias(ckpt: Checkpoint, hidden: int) -> float:
+    """The value head's bias (0.0 without one), after checking its weight is [1, H] and its bias [1]."""
+    weight, bias = ckpt.tensors[VALUE_HEAD + "weight"], ckpt.tensors.get(VALUE_HEAD + "bias")
+    if weight.shape != (1, hidden) or weight.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(
+            f"{weight.name} is {weight.dtype}{list(weight.shape)}; a value head is [1, hidden_size={hidden}]",
+            weight.path,
+        )
+    if bias is None:
+        return 0.0
+    if bias.shape != (1,) or bias.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{bias.name} is {bias.dtype}{list(bias.shape)}; a value head's bias is [1]", bias.path)
+    return read_scalar(bias)
 
 
 def _check_shapes(ckpt: Checkpoint, arch: Architecture, embedding: str, head: str) -> tuple[int, int]:
@@ -112,7 +142,7 @@ def _check_shapes(ckpt: Checkpoint, arch: Architecture, embedding: str, head: st
         )
     if emb.dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{embedding} has dtype {emb.dtype}; expected one of {', '.join(FLOAT_DTYPES)}", emb.path)
-    score = ckpt.tensors.get(head)
+    score = ckpt.tensors.get(head) if not head.startswith(VALUE_HEAD) else None  # see _value_head_bias
     if score is not None:
         if len(score.shape) != 2 or score.shape[0] not in (1, 2) or score.shape[1] != hidden:
             raise CheckpointError(f"{head} is {list(score.shape)}; a reward head is [1 or 2, {hidden}]", score.path)
@@ -183,7 +213,7 @@ def _plan_shards(
         changed.append(
             len(kept) != len(shard.tensors)
             or any(t.parts != OutTensor.copy_of(shard.tensors[t.name]).parts for t in kept)
-            or (shard.metadata or {}).get("format") != "pt"
+            or (shard.path.suffix == ".safetensors" and (shard.metadata or {}).get("format") != "pt")
         )
     # The head joins a shard that is rewritten anyway (where the old head or lm_head was), else the last one.
     home = next((i for i, c in enumerate(changed) if c and grouped[i]), len(grouped) - 1)
@@ -196,7 +226,9 @@ def _plan_shards(
         groups = _reshard([t for group in grouped for t in group], options.max_shard_size)
         sources: list[Header | None] = [None] * len(groups)
     else:
-        kept_groups = [(g, s if not c else None) for g, s, c in zip(grouped, ckpt.shards, changed) if g]
+        # a .bin shard is always assembled (into safetensors), but places the head as its safetensors twin would
+        copyable = [not c and s.path.suffix == ".safetensors" for s, c in zip(ckpt.shards, changed)]
+        kept_groups = [(g, s if ok else None) for g, s, ok in zip(grouped, ckpt.shards, copyable) if g]
         groups, sources = [g for g, _ in kept_groups], [s for _, s in kept_groups]
     names = _shard_names(len(groups), ckpt.index is not None or len(groups) > 1)
     shards = {name: source or group for name, group, source in zip(names, groups, sources)}
@@ -254,11 +286,15 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     arch = registered.architecture
     embedding = arch.embedding_name(ckpt)
     head = _head_tensor(ckpt)
+    value_head = head.startswith(VALUE_HEAD)
     vocab, hidden = _check_shapes(ckpt, arch, embedding, head)
+    bias = _value_head_bias(ckpt, hidden) if value_head else None
     existing = ckpt.tensors.get(head)
     tok = TokenizerFiles.read(ckpt.path)
     generation_config = read_json(ckpt.path / GENERATION_CONFIG, required=False)
-    pad = choose_pad(options.pad_token, tok, ckpt.config, generation_config, arch.pad_tokens, existing is not None)
+    # a value head was read at the last attended token: like a causal LM, it gets a pad distinct from eos
+    trained_pad = existing is not None and not value_head
+    pad = choose_pad(options.pad_token, tok, ckpt.config, generation_config, arch.pad_tokens, trained_pad)
     tokens = len(tok) + pad.is_new
     if tokens > 2 * vocab:
         raise CheckpointError(
@@ -268,6 +304,8 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     new_vocab = math.ceil(max(vocab, tokens) / 8) * 8
     labels = HEADS[options.head]
     dropped = arch.dropped(ckpt) | {head} & set(ckpt.tensors)
+    if value_head:
+        dropped |= {n for n in ckpt.tensors if n.startswith("v_head.")}
     if embedding in dropped:
         raise PluginError(f"architecture {arch.name!r} drops the input embedding {embedding}")
 
@@ -281,13 +319,15 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     std = options.init_std if options.init_std is not None else default_init_std(hidden)
     score_dtype = existing.dtype if existing else emb.dtype
     parts, head_how = score_parts(existing, labels, hidden, score_dtype, std, options.seed, options.from_bt)
+    if value_head:
+        head_how = f"value head {head}" + (" as [zeros; w]" if labels == 2 else "") + f" ({existing.dtype})"
     score = OutTensor("score.weight", score_dtype, (labels, hidden), tuple(parts))
     shards, index = _plan_shards(ckpt, dropped, replaced, score, options)
 
     config = _output_config(ckpt, registered, labels, new_vocab, pad, options.dtype)
     right_padding_only = ckpt.model_type in arch.right_padding_only
     json_files, generated = _plan_json(ckpt, right_padding_only, config, tok, generation_config, pad, options)
-    skip = set(json_files) | set(generated) | {INDEX, MANIFEST}
+    skip = set(json_files) | set(generated) | {INDEX, BIN_INDEX, MANIFEST}
     copies = sorted(
         p.name
         for p in ckpt.path.iterdir()
@@ -299,7 +339,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
         "architecture": arch.name,
         "class": config["architectures"][0],
         "model_type": ckpt.model_type,
-        "source_kind": "reward model" if existing is not None else "causal LM",
+        "source_kind": "value-head model" if value_head else "reward model" if existing is not None else "causal LM",
         "head": {"from": existing.shape[0] if existing else None, "labels": labels, "how": head_how},
         "pad": {"token": pad.token, "id": pad.id, "action": pad.action},
         "vocab": {"from": vocab, "to": new_vocab, "tokenizer": tokens, "added_rows": new_vocab - vocab},
@@ -314,7 +354,14 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
             f"{ckpt.model_type}'s recurrence runs over pad tokens: score right-padded batches only"
             " (tokenizer padding_side is right)"
         )
-    if existing is not None and pad.action == "kept":
+    if value_head:
+        report["value_head"] = {"file": existing.path.name, "bias": bias}
+        if bias:
+            report["warnings"].append(
+                f"value head bias {bias!r} dropped (transformers' score has no bias): every reward is {bias!r} lower"
+                " than the value head's output; preferences and rankings are unchanged (see the README to add it back)"
+            )
+    if trained_pad and pad.action == "kept":
         report["warnings"].append(
             f"kept pad {pad.token!r} (id {pad.id}) of the reward model: changing it would move where rewards are read"
         )
@@ -381,7 +428,11 @@ def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
         },
         "options": asdict(options),
         "source_files": hashes,
-        "result": {k: plan.report[k] for k in ("class", "source_kind", "head", "pad", "vocab", "dtype", "dropped")},
+        "result": {
+            k: plan.report[k]
+            for k in ("class", "source_kind", "head", "pad", "vocab", "dtype", "dropped", "value_head")
+            if k in plan.report
+        },
     }
 
 
@@ -412,7 +463,7 @@ def write_plan(plan: Plan, out: Path, options: Options, link: bool = False, prog
     """
     ckpt = plan.checkpoint
     read = [s.path.name for s in ckpt.shards] + plan.copies + [n for n in plan.json_files if (ckpt.path / n).exists()]
-    read += [INDEX] if ckpt.index is not None else []
+    read += [ckpt.index_name] if ckpt.index_name is not None else []
     jobs = [
         (
             "assemble" if isinstance(shard, list) else "copy",

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .architecture import Architecture
-from .checkpoint import INDEX, SINGLE, Checkpoint, text_config
+from .checkpoint import Checkpoint, text_config
 from .errors import CheckpointError
 from .host import Registry
 from .tokenizer_files import TokenizerFiles
@@ -68,6 +68,13 @@ CODES = {
             FIX + " (renames the head to score.weight)",
         ),
         Code(
+            "RM015",
+            ERROR,
+            "a TRL value-head model (v_head.summary, inline or in value_head.safetensors/.bin): not loadable as a"
+            " classifier",
+            FIX + " (makes the value head score.weight)",
+        ),
+        Code(
             "RM021", ERROR, "vocab_size is smaller than the tokenizer", FIX + " (pads the vocabulary, never shrinks it)"
         ),
         Code("RM022", ERROR, "embedding rows differ from vocab_size", "set vocab_size to the embedding's rows"),
@@ -99,6 +106,12 @@ CODES = {
             FIX + " (writes an exact index)",
         ),
         Code("RM041", ERROR, "the shard index's total_size is wrong", FIX + " (writes an exact index)"),
+        Code(
+            "RM042",
+            WARNING,
+            "the weights are PyTorch pickles (.bin): unsafe to load without weights_only, slower than safetensors",
+            FIX + " (writes safetensors)",
+        ),
         Code("RM050", WARNING, "a dropout field is not 0 (open-instruct trains reward models without dropout)", FIX),
         Code("RM060", ERROR, "a tokenizer file is missing or malformed", "save the tokenizer with transformers"),
         Code(
@@ -179,7 +192,7 @@ class Subject:
     @property
     def weights_file(self) -> str:
         """The file that says where tensors are: the index of a sharded checkpoint, else the single file."""
-        return INDEX if self.ckpt.index is not None else SINGLE
+        return self.ckpt.weights_file
 
     def finding(self, code: str, file: str, where: str, message: str) -> Finding:
         """A finding of a built-in code, with its severity and fix hint."""

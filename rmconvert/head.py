@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from functools import partial
 
 from .dtypes import decode, encode
@@ -52,6 +53,15 @@ def mean_row(embedding: TensorInfo, dtype: str) -> bytes:
 def mean_row_part(embedding: TensorInfo) -> Computed:
     """The mean embedding row, computed by the writer of the embedding's shard."""
     return Computed(partial(mean_row, embedding, embedding.dtype), embedding.row_bytes)
+
+
+def read_scalar(info: TensorInfo) -> float:
+    """The value of a one-element float tensor, read without numpy (BF16 is the upper half of an F32)."""
+    with open(info.path, "rb") as f:
+        raw = os.pread(f.fileno(), info.nbytes, info.offset)
+    if info.dtype == "BF16":
+        return struct.unpack("<f", b"\0\0" + raw)[0]
+    return struct.unpack({"F16": "<e", "F32": "<f", "F64": "<d"}[info.dtype], raw)[0]
 
 
 def row(info: TensorInfo, index: int) -> ByteRange:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import open_checkpoint
+from .checkpoint import VALUE_HEAD, open_checkpoint
 from .errors import CheckpointError
 from .findings import CODES, Finding, Subject
 from .host import Registry
@@ -103,6 +103,7 @@ def against_source(s: Subject, source: Path, registry: Registry, load: bool) -> 
     embedding = arch.embedding_name(s.ckpt) if arch else None
     findings = []
     dropped = (arch.dropped(src) if arch else set()) | {"score.weight", "value_head.weight"}
+    dropped |= {n for n in src.tensors if n.startswith("v_head.")}  # a TRL value head became score.weight
     for name, theirs in sorted(src.tensors.items()):
         if name in dropped:
             continue
@@ -120,11 +121,27 @@ def against_source(s: Subject, source: Path, registry: Registry, load: bool) -> 
     return findings
 
 
+def _value_head_weight(src):
+    """A TRL value head's weight [1, H] as a float32 tensor (its bias is what the conversion drops), or None."""
+    import torch
+
+    from .dtypes import decode
+
+    info = src.tensors.get(VALUE_HEAD + "weight")
+    if info is None or "score.weight" in src.tensors:
+        return None
+    with open(info.path, "rb") as f:
+        raw = os.pread(f.fileno(), info.nbytes, info.offset)
+    return torch.from_numpy(decode(raw, info.dtype).astype("float32")).reshape(info.shape)
+
+
 def _compare_outputs(s: Subject, src) -> list[Finding]:
-    """Hidden states of both backbones on the probes; for a reward-model source, rewards per the head rules."""
+    """Hidden states of both backbones on the probes; for a reward-model source, rewards per the head rules; for a
+    value-head source, rewards equal to the value head's output at the last token minus its bias."""
     import torch
 
     source_is_rm = "score.weight" in src.tensors
+    value_head = _value_head_weight(src)
     try:
         ours, _ = _load(s, s.path)
         theirs, _ = _load(s, src.path, causal=not source_is_rm)
@@ -135,7 +152,7 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
         for parameter in model.parameters():
             parameter.data = parameter.data.clone()
     _, singles = _probe_ids(s.path)
-    findings = []
+    findings, values = [], []
     with torch.no_grad():
         for ids in singles:
             a = ours(ids, output_hidden_states=True, **accepted(ours, use_cache=False)).hidden_states[-1]
@@ -143,6 +160,14 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
             if not torch.equal(a, b):
                 diff = (a.float() - b.float()).abs().max().item()
                 return [s.finding("RM122", s.weights_file, "", f"max difference {diff:.3g}")]
+            if value_head is not None:  # TRL: v_head(hidden) in the head's dtype, here without its bias
+                values.append(b[:, -1].float() @ value_head.T)
+        if value_head is not None:
+            r_ours = torch.cat([ours(ids, **accepted(ours, use_cache=False)).logits for ids in singles]).float()
+            if not _rewards_agree(r_ours, torch.cat(values), _tolerance(ours.dtype)):
+                findings.append(
+                    s.finding("RM123", s.weights_file, "score.weight", "rewards disagree with the value head")
+                )
         if source_is_rm:
             r_ours = torch.cat([ours(ids, **accepted(ours, use_cache=False)).logits for ids in singles])
             r_theirs = torch.cat([theirs(ids, **accepted(theirs, use_cache=False)).logits for ids in singles])

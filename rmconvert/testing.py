@@ -297,3 +297,35 @@ def add_to_hub_cache(checkpoint: str | Path, cache: str | Path, repo_id: str, re
     (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
     (repo / "refs" / ref).write_text(commit)
     return snap
+
+
+def bin_name(name: str) -> str:
+    """The ``.bin`` name transformers gives a safetensors weights file (``model-…`` -> ``pytorch_model-…``)."""
+    return "pytorch_" + name.removesuffix(".safetensors") + ".bin"
+
+
+def save_as_bin(src: str | Path, dst: str | Path, tied: dict[str, str] | None = None) -> Path:
+    """Copy the checkpoint at ``src`` to ``dst`` with its weights saved by ``torch.save`` as ``.bin`` (sharded as
+    the source is, with ``pytorch_model.bin.index.json``). ``tied`` maps an added tensor name to the tensor whose
+    storage it shares (as an LM head tied to the embedding is pickled)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "model.safetensors.index.json"))
+    index_path = src / "model.safetensors.index.json"
+    names = sorted(json.loads(index_path.read_text())["weight_map"].values()) if index_path.exists() else []
+    for name in sorted(set(names)) or ["model.safetensors"]:
+        state = load_file(src / name)
+        for alias, target in (tied or {}).items():
+            if target in state:
+                state[alias] = state[target]
+        torch.save(state, dst / bin_name(name))
+    if names:
+        index = json.loads(index_path.read_text())
+        index["weight_map"] = {k: bin_name(v) for k, v in index["weight_map"].items()}
+        (dst / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    return dst

@@ -18,8 +18,10 @@ import struct
 import subprocess
 import sys
 import time
+import zipfile
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,13 +29,15 @@ import pytest
 from click.testing import CliRunner
 
 from rmconvert.cli import cli
-from rmconvert.testing import snapshot
+from rmconvert.testing import bin_name, save_as_bin, snapshot
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 EMBEDDING = "model.embed_tokens.weight"
+BIN = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
 STAGING = re.compile(r"^\..+\.rmconvert-(tmp|old)$")
 
 
@@ -187,7 +191,140 @@ def remap(src: Path, tensor: str, shard: str) -> None:
 def only_pickle(src: Path) -> None:
     """Replace the safetensors weights by a (fake) pytorch_model.bin."""
     (src / SINGLE).unlink()
-    (src / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not really a pickle")
+    (src / BIN).write_bytes(b"PK\x03\x04 not really a pickle")
+
+
+# --- .bin (torch zip) sources ------------------------------------------------------------------
+
+
+def to_bin(src: Path) -> None:
+    """Replace the safetensors weights by ``torch.save``'d .bin files (sharded as they were)."""
+    twin = save_as_bin(src, src.with_name(src.name + "-bin"))
+    shutil.rmtree(src)
+    twin.rename(src)
+
+
+def bin_shards(src: Path) -> list[Path]:
+    return sorted(src.glob("pytorch_model*.bin"))
+
+
+def second_bin_shard(src: Path) -> Path:
+    """The second .bin shard the index names."""
+    return src / sorted(set(json.loads((src / BIN_INDEX).read_text())["weight_map"].values()))[1]
+
+
+def rewrite_zip(path: Path, entries: Callable[[list[tuple[str, bytes]]], list], deflate: str = "") -> None:
+    """Rewrite a zip entry by entry after ``entries(list of (name, data))``; entries ending in ``deflate`` are
+    compressed."""
+    with zipfile.ZipFile(path) as z:
+        items = entries([(i.filename, z.read(i)) for i in z.infolist()])
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in items:
+            z.writestr(name, data, zipfile.ZIP_DEFLATED if deflate and name.endswith(deflate) else zipfile.ZIP_STORED)
+
+
+def read_pickle(path: Path) -> OrderedDict:
+    """A .bin's state dict as rmconvert's own (code-free) unpickler reads it: tensor records, not tensors."""
+    from rmconvert.torch_zip import _StateDictUnpickler
+
+    with zipfile.ZipFile(path) as z:
+        name = next(n for n in z.namelist() if n.endswith("/data.pkl"))
+        return _StateDictUnpickler(__import__("io").BytesIO(z.read(name))).load()
+
+
+class TorchPickler(__import__("pickle").Pickler):
+    """Pickles tensor records as ``torch.save`` pickles tensors; anything else (a payload) as pickle does."""
+
+    def persistent_id(self, obj):
+        import torch
+
+        from rmconvert.torch_zip import STORAGE_DTYPES, _Storage
+
+        if isinstance(obj, _Storage):
+            kind = next(k for k, v in STORAGE_DTYPES.items() if v == obj.dtype)
+            return ("storage", getattr(torch, kind), obj.key, "cpu", obj.numel)
+        return None
+
+    def reducer_override(self, obj):
+        import torch
+
+        from rmconvert.torch_zip import _Tensor
+
+        if isinstance(obj, _Tensor):
+            args = (obj.storage, obj.offset, obj.shape, obj.stride, False, OrderedDict())
+            return torch._utils._rebuild_tensor_v2, args
+        return NotImplemented
+
+
+def edit_pickle(path: Path, edit: Callable[[OrderedDict], None]) -> None:
+    """Re-pickle the state dict of the .bin at ``path`` after ``edit(state)``."""
+    import io
+
+    state = read_pickle(path)
+    edit(state)
+    buffer = io.BytesIO()
+    TorchPickler(buffer, protocol=2).dump(state)
+    rewrite_zip(path, lambda items: [(n, buffer.getvalue() if n.endswith("/data.pkl") else d) for n, d in items])
+
+
+def edit_tensor(path: Path, name: str, **fields) -> None:
+    """Change a tensor record's offset, shape or stride in a .bin's pickle."""
+    edit_pickle(path, lambda state: state.__setitem__(name, replace(state[name], **fields)))
+
+
+def corrupt_pickle(path: Path) -> None:
+    """Change one byte of the stored data.pkl (its CRC no longer matches)."""
+    data = path.read_bytes()
+    at = data.index(b"_rebuild_tensor_v2")
+    path.write_bytes(data[:at] + b"X" + data[at + 1 :])
+
+
+def legacy_bin(src: Path) -> None:
+    """A pytorch_model.bin in torch's legacy (pre-1.6, not zip) format."""
+    import torch
+
+    to_bin(src)
+    torch.save({"w": torch.zeros(2)}, src / BIN, _use_new_zipfile_serialization=False)
+
+
+def with_value_head_file(src: Path, name: str, tensors: dict) -> None:
+    """Save ``tensors`` (shapes) as a value-head side file ``name`` beside the weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    values = {k: torch.zeros(shape) for k, shape in tensors.items()}
+    save_file(values, src / name) if name.endswith(".safetensors") else torch.save(values, src / name)
+
+
+class Payload:
+    """An object whose unpickling calls ``func(*args)``: what a malicious checkpoint carries."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+class Custom:
+    """A class of the attacker's own, which unpickling would import and build."""
+
+
+def plant(src: Path, payload) -> None:
+    """Make ``src`` a .bin checkpoint whose pickle carries ``payload`` before every tensor."""
+    to_bin(src)
+
+    def first(state):
+        items = list(state.items())
+        state.clear()
+        state.update({"model.payload": payload, **dict(items)})
+
+    edit_pickle(src / BIN, first)
+
+
+def marker(src: Path) -> Path:
+    """The file a payload planted in ``src`` would create."""
+    return src.parent / "payload-ran"
 
 
 def add_f32_tensor(path: Path, name: str, shape: list[int], sparse: bool = False) -> None:
@@ -333,9 +470,40 @@ BAD_SOURCES = [
     source_case("tokenizer-without-model", "no model vocabulary or added_tokens list",
                 lambda s: edit_json(s / TOKENIZER, lambda t: t.pop("model")), TOKENIZER),
     source_case("token-id-far-beyond-vocab", str(FAR_TOKEN_ID), lambda s: add_token(s, FAR_TOKEN_ID), TOKENIZER),
-    source_case("only-pytorch-model-bin", "only safetensors weights are supported, found pytorch_model.bin",
-                only_pickle, "."),
-    source_case("no-weights", f"no {SINGLE} or {INDEX}", lambda s: (s / SINGLE).unlink(), "."),
+    source_case("only-fake-pytorch-model-bin", "truncated or corrupt zip", only_pickle, BIN),
+    source_case("no-weights", f"no {SINGLE}, {INDEX}, {BIN} or {BIN_INDEX}", lambda s: (s / SINGLE).unlink(), "."),
+    # .bin weights (torch zip)
+    source_case("bin-truncated", "truncated or corrupt zip", lambda s: (to_bin(s), cut(s / BIN, 100)), BIN),
+    source_case("bin-corrupt-pickle", "corrupt zip: Bad CRC-32", lambda s: (to_bin(s), corrupt_pickle(s / BIN)), BIN),
+    source_case("bin-compressed-entry", "is compressed or encrypted",
+                lambda s: (to_bin(s), rewrite_zip(s / BIN, list, deflate="data/0")), BIN),
+    source_case("bin-legacy-format", "legacy (pre-zip) torch file", legacy_bin, BIN),
+    source_case("bin-not-a-state-dict", "is not a tensor",
+                lambda s: (to_bin(s), edit_pickle(s / BIN, lambda st: st.update(step=3))), BIN),
+    source_case("bin-offset-past-storage", "run past its storage",
+                lambda s: (to_bin(s), edit_tensor(s / BIN, EMBEDDING, offset=64)), BIN),
+    source_case("bin-size-past-storage", "run past its storage",
+                lambda s: (to_bin(s), edit_tensor(s / BIN, EMBEDDING, shape=(294, 64))), BIN),
+    source_case("bin-non-contiguous-view", "is a non-contiguous view",
+                lambda s: (to_bin(s), edit_tensor(s / BIN, EMBEDDING, shape=(64, 293), stride=(1, 64))), BIN),
+    source_case("bin-index-names-missing-shard", "cannot read: No such file or directory",
+                lambda s: (to_bin(s), second_bin_shard(s).unlink()),
+                lambda s: s / bin_name(second_shard(s).name), sharded=True),
+    source_case("bin-index-mixes-formats", "weight_map mixes .bin and .safetensors files",
+                lambda s: (to_bin(s), edit_json(s / BIN_INDEX, lambda i: i["weight_map"].update(
+                    {EMBEDDING: "model-00001-of-00004.safetensors"}))), BIN_INDEX, sharded=True),
+    source_case("safetensors-index-mixes-formats", "weight_map mixes .bin and .safetensors files",
+                lambda s: remap(s, EMBEDDING, BIN), INDEX, sharded=True),
+    # value heads
+    source_case("value-head-wrong-width", "a value head is [1, hidden_size=64]",
+                lambda s: with_value_head_file(s, "value_head.safetensors", {
+                    "v_head.summary.weight": [1, 48], "v_head.summary.bias": [1]}), "value_head.safetensors"),
+    source_case("value-head-bin-wrong-width", "a value head is [1, hidden_size=64]",
+                lambda s: with_value_head_file(s, "value_head.bin", {"v_head.summary.weight": [2, 64]}),
+                "value_head.bin"),
+    source_case("value-head-file-holds-other-tensors", "a value head file holds only",
+                lambda s: with_value_head_file(s, "value_head.safetensors", {"score.weight": [1, 64]}),
+                "value_head.safetensors"),
 ]
 # fmt: on
 
@@ -380,6 +548,37 @@ def test_convert_refuses_bad_source(ws, damage, culprit, problem, sharded, optio
     where = culprit(src) if callable(culprit) else src / culprit if culprit != "." else src
     damage(src)
     check_refused(src, ws.dst(), options, where, problem)
+
+
+PAYLOADS = {
+    "os.system": lambda m: Payload(os.system, f"touch {m}"),
+    "builtins.eval": lambda m: Payload(eval, f"open({str(m)!r}, 'w').close()"),
+    "subprocess.Popen": lambda m: Payload(subprocess.Popen, ["touch", str(m)]),
+    "custom class": lambda m: Custom(),
+}
+
+
+@pytest.mark.parametrize("kind", PAYLOADS)
+def test_malicious_pickle_never_runs(ws, kind):
+    """A pickle naming a forbidden global is refused, naming the file and the global, before anything runs:
+    by convert and by validate. (The os.system and eval payloads are live: plain pickle runs them.)"""
+    src = ws.source()
+    plant(src, PAYLOADS[kind](marker(src)))
+    assert not marker(src).exists()
+    global_name = {"custom class": "Custom"}.get(kind, kind.split(".")[-1])
+    check_refused(src, ws.dst(), (), src / BIN, "the pickle names ")
+    assert global_name in rmconvert("convert", src, ws.dst()).stderr
+    checked = rmconvert("validate", src)
+    assert checked.exit_code == 1 and "RM001" in checked.stdout and global_name in checked.stdout
+    assert not marker(src).exists()
+    if kind in ("os.system", "builtins.eval"):  # proof that the payload is real: an ordinary unpickler runs it
+        import pickle
+
+        with zipfile.ZipFile(src / BIN) as z:
+            data = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+        with pytest.raises(pickle.UnpicklingError):  # the payload runs first, then torch's storages fail
+            pickle.loads(data)
+        assert marker(src).exists()
 
 
 class Scene(NamedTuple):
