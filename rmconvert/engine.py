@@ -33,7 +33,7 @@ from .dtypes import FLOAT_DTYPES, TORCH_NAMES
 from .errors import CheckpointError, OutputError, PluginError, UsageError
 from .head import default_init_std, mean_row_part, read_scalar, score_parts
 from .host import Registered, Registry, load_registry
-from .hub import resolve_source
+from .hub import resolve_source, snapshot_origin
 from .output import FILE_MODE, check_destination, staged, sync_file, write_file
 from .pad import PadChoice, choose_pad
 from .safetensors_io import ByteRange, Header, OutTensor, Repeat, layout, write_parts
@@ -427,6 +427,7 @@ def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
             "version": entry.version,
         },
         "options": asdict(options),
+        **({"source_repo": origin} if (origin := snapshot_origin(plan.checkpoint.path)) else {}),
         "source_files": hashes,
         "result": {
             k: plan.report[k]

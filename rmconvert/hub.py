@@ -107,6 +107,16 @@ def resolve_source(spec: str | os.PathLike, revision: str | None = None) -> Path
     return Path(spec)
 
 
+def snapshot_origin(path: Path) -> dict | None:
+    """``{"repo_id", "commit"}`` of a Hugging Face cache snapshot directory
+    (``<cache>/models--org--name/snapshots/<commit>``); None for any other directory."""
+    path = Path(path).resolve()
+    repo = path.parent.parent.name
+    if path.parent.name != "snapshots" or not repo.startswith("models--") or "--" not in repo[8:]:
+        return None
+    return {"repo_id": repo[8:].replace("--", "/", 1), "commit": path.name}
+
+
 def weights_of(repo_files: Iterable[str]) -> str | None:
     """The weights a conversion reads among ``repo_files``: the shard index or single file of safetensors, else of
     PyTorch ``.bin``; None when there are neither."""

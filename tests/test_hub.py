@@ -100,7 +100,17 @@ def converted(src, dst: Path, cache: Path, cwd: Path, *options) -> dict[str, str
     result = run("convert", src, dst, *options, cache=cache, cwd=cwd)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    return snapshot(dst)
+    return output_of(dst)
+
+
+def output_of(dst: Path) -> dict[str, str]:
+    """The files and hashes of a converted DST, with the repo id and commit recorded in rmconvert.json left out
+    (only a conversion from the cache has them): equal for the same weights, options and source hashes."""
+    files = snapshot(dst)
+    manifest = json.loads((dst / "rmconvert.json").read_text())
+    manifest.pop("source_repo", None)
+    files["rmconvert.json"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    return files
 
 
 # --- the cache is the one huggingface_hub writes -----------------------------------------------
@@ -132,11 +142,14 @@ def test_huggingface_hub_itself_resolves_the_cache_offline(hub):
 
 @pytest.mark.parametrize("repo", [LLAMA, SHARDED])
 def test_convert_a_repo_id_offline_as_the_local_checkpoint(hub, tmp_path, cwd, repo):
-    cache, sources, _ = hub
+    cache, sources, snaps = hub
     before = snapshot(cache)
     from_hub = converted(repo, tmp_path / "from-hub", cache, cwd)
     local = converted(sources[repo, "main"], tmp_path / "local", cache, cwd)
     assert from_hub == local  # rmconvert.json included: the same hashes and options
+    manifest = json.loads((tmp_path / "from-hub" / "rmconvert.json").read_text())
+    assert manifest["source_repo"] == {"repo_id": repo, "commit": snaps[repo, "main"].name}
+    assert "source_repo" not in json.loads((tmp_path / "local" / "rmconvert.json").read_text())
     assert not [p for p in (tmp_path / "from-hub").iterdir() if p.is_symlink()]
     assert snapshot(cache) == before
 
@@ -290,7 +303,7 @@ def test_unreachable_hub_falls_back_to_the_cache(hub, tmp_path, cwd):
     closed = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}
     result = run("convert", LLAMA, tmp_path / "rm", cache=cache, cwd=cwd, **closed)
     assert result.returncode == 0, result.stderr
-    assert snapshot(tmp_path / "rm") == converted(sources[LLAMA, "main"], tmp_path / "local", cache, cwd)
+    assert output_of(tmp_path / "rm") == converted(sources[LLAMA, "main"], tmp_path / "local", cache, cwd)
     missing = run("convert", "tiny-org/absent", tmp_path / "rm2", cache=cache, cwd=cwd, **closed)
     assert_one_error(missing, "tiny-org/absent", "cannot reach the Hugging Face Hub", "not in the cache")
 
@@ -525,10 +538,10 @@ def test_online_conversion_downloads_only_what_it_reads(online, build, tmp_path,
     local = tmp_path / "local"
     shutil.copytree(source, local)
     (local / "README.md").write_bytes(published["README.md"])
-    assert snapshot(tmp_path / "rm") == converted(local, tmp_path / "local-rm", cache, cwd)
+    assert output_of(tmp_path / "rm") == converted(local, tmp_path / "local-rm", cache, cwd)
     # the cache now serves an offline run, refs/main included
     server.downloads.clear()
-    assert converted(SHARDED, tmp_path / "offline", cache, cwd) == snapshot(tmp_path / "rm")
+    assert converted(SHARDED, tmp_path / "offline", cache, cwd) == output_of(tmp_path / "rm")
     again = run("convert", SHARDED, tmp_path / "again", cache=cache, cwd=cwd, **env)
     assert again.returncode == 0, again.stderr
     assert server.downloads == []  # everything was cached
@@ -540,7 +553,7 @@ def test_online_revision_and_bin_only_repo(online, build, tmp_path, cwd):
     server.add(LLAMA, files_of(build("llama2", seed=1)), ref="v2")
     result = run("convert", LLAMA, tmp_path / "v2", "--revision", "v2", cache=cache, cwd=cwd, **env)
     assert result.returncode == 0, result.stderr
-    assert snapshot(tmp_path / "v2") == converted(build("llama2", seed=1), tmp_path / "local-v2", cache, cwd)
+    assert output_of(tmp_path / "v2") == converted(build("llama2", seed=1), tmp_path / "local-v2", cache, cwd)
 
     pickled = {k: v for k, v in files_of(build("llama2")).items() if k != SINGLE}
     server.add("tiny-org/pickled", {**pickled, "pytorch_model.bin": JUNK["pytorch_model.bin"], "tf_model.h5": b"h5"})
