@@ -140,6 +140,13 @@ def dropout(s: Subject) -> Iterator[Finding]:
             yield s.finding("RM050", CONFIG, f"/{name}", f"{value}")
 
 
+def problem_type(s: Subject) -> Iterator[Finding]:
+    """Serving stacks apply sigmoid (1 label) or softmax (2 labels) unless the config says regression."""
+    value = s.config.get("problem_type")
+    if value != "regression":
+        yield s.finding("RM051", CONFIG, "/problem_type", "missing" if value is None else repr(value))
+
+
 #: The static checks, in report order.
 STATIC = (
     known_architecture,
@@ -154,4 +161,5 @@ STATIC = (
     padding_side,
     index,
     dropout,
+    problem_type,
 )

@@ -99,6 +99,13 @@ CODES = {
         ),
         Code("RM041", ERROR, "the shard index's total_size is wrong", FIX + " (writes an exact index)"),
         Code("RM050", WARNING, "a dropout field is not 0 (open-instruct trains reward models without dropout)", FIX),
+        Code(
+            "RM051",
+            WARNING,
+            "problem_type is not regression: vLLM, sglang and transformers' pipeline return sigmoid or softmax"
+            " probabilities instead of rewards",
+            'set "problem_type": "regression" in config.json, or ' + FIX,
+        ),
         Code("RM060", ERROR, "a tokenizer file is missing or malformed", "save the tokenizer with transformers"),
         Code(
             "RM100", ERROR, "loading reports missing keys (randomly initialised)", "check the checkpoint's tensor names"
