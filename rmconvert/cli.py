@@ -192,16 +192,23 @@ def convert(src, dst, overwrite, link, as_json, **options):
     help="Compare with the checkpoint it was converted from: backbone bytes (and with --load, hidden states"
     " and rewards).",
 )
+@click.option(
+    "--policy",
+    type=click.Path(path_type=Path),
+    metavar="POLICY",
+    help="The policy checkpoint it will score (PPO, GRPO): check that the vocabularies are identical"
+    " (token -> id) and that the embedding covers the policy's tokenizer.",
+)
 @click.option("--strict", is_flag=True, help="Warnings count as errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @reports_errors
-def validate(path, load, against, strict, as_json):
+def validate(path, load, against, policy, strict, as_json):
     """Check that the reward-model checkpoint PATH is sound: exit 0 when no errors (no warnings either
     under --strict), 1 otherwise."""
     from .validation import ERROR
     from .validation import validate as run
 
-    findings = run(path, load=load, against=against)
+    findings = run(path, load=load, against=against, policy=policy)
     errors = [f for f in findings if f.severity == ERROR or strict]
     warnings = [f for f in findings if f not in errors]
     if as_json:

@@ -108,6 +108,19 @@ CODES = {
         ),
         Code("RM060", ERROR, "a tokenizer file is missing or malformed", "save the tokenizer with transformers"),
         Code(
+            "RM070",
+            ERROR,
+            "the vocabulary differs from the policy's (token -> id): a value model made from the reward model"
+            " reads the policy's ids as other tokens",
+            "rmconvert convert SFT-CHECKPOINT DST --pad-token existing (keeps the policy's vocabulary)",
+        ),
+        Code(
+            "RM071",
+            ERROR,
+            "the embedding has fewer rows than the policy's tokenizer has ids",
+            "rmconvert convert SFT-CHECKPOINT DST --pad-token existing, from a checkpoint with the policy's tokenizer",
+        ),
+        Code(
             "RM100", ERROR, "loading reports missing keys (randomly initialised)", "check the checkpoint's tensor names"
         ),
         Code("RM101", ERROR, "loading reports unexpected keys (ignored)", FIX),
@@ -161,6 +174,7 @@ class Subject:
     tokenizer_error: CheckpointError | None
     generation_config: dict | None
     registry: Registry
+    policy: TokenizerFiles | None = None  # the tokenizer of the policy it will serve (validate --policy)
 
     @property
     def config(self) -> dict:
