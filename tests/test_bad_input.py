@@ -333,6 +333,9 @@ BAD_SOURCES = [
     source_case("tokenizer-without-model", "no model vocabulary or added_tokens list",
                 lambda s: edit_json(s / TOKENIZER, lambda t: t.pop("model")), TOKENIZER),
     source_case("token-id-far-beyond-vocab", str(FAR_TOKEN_ID), lambda s: add_token(s, FAR_TOKEN_ID), TOKENIZER),
+    source_case("pad-existing-none-qualifies", "--pad-token existing: no token qualifies as pad",
+                lambda s: edit_json(s / "tokenizer_config.json", lambda c: c.pop("unk_token")), TOKENIZER,
+                options=["--pad-token", "existing"]),
     source_case("only-pytorch-model-bin", "only safetensors weights are supported, found pytorch_model.bin",
                 only_pickle, "."),
     source_case("no-weights", f"no {SINGLE} or {INDEX}", lambda s: (s / SINGLE).unlink(), "."),
@@ -631,6 +634,41 @@ def test_validate_reports_bad_checkpoint(ws, reward_model, scene, code, file, pr
     assert re.search(rf"\s(\S*/)?{re.escape(file)}\s", matching[0]), matching[0]
     assert re.fullmatch(rf"{re.escape(str(path))}: invalid \(\d+ errors, \d+ warnings\)", lines[-1]), lines[-1]
     assert state(path) == before
+
+
+def policy_without_tokenizer(ws):
+    """A policy directory with weights and config but no tokenizer.json."""
+    policy = ws.source(name="policy")
+    (policy / TOKENIZER).unlink()
+    return policy
+
+
+def policy_missing(ws):
+    return ws.tmp / "no-such-policy"
+
+
+def policy_of_another_family(ws):
+    """An OLMo 2 policy for a Llama reward model: the same words at other ids."""
+    return ws.copy(ws.build("olmo2"), "policy")
+
+
+# fmt: off
+BAD_POLICIES = [
+    pytest.param(policy_without_tokenizer, "missing: rmconvert reads the vocabulary", id="no-tokenizer"),
+    pytest.param(policy_missing, "missing: rmconvert reads the vocabulary", id="missing-directory"),
+    pytest.param(policy_of_another_family, "not the reward model's tokenizer family: 0 of its 300 tokens",
+                 id="another-family"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("scene, problem", BAD_POLICIES)
+def test_validate_refuses_bad_policy(ws, reward_model, scene, problem):
+    policy = scene(ws)
+    before = state(reward_model), state(policy)
+    result = rmconvert("validate", reward_model, "--policy", policy)
+    assert_one_error(result, policy / TOKENIZER, problem)
+    assert (state(reward_model), state(policy)) == before
 
 
 # --- interrupted conversions -------------------------------------------------------------------

@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -47,22 +48,18 @@ STARTUP_SECONDS = 600
 TOLERANCE = 1e-4  # float32; measured differences are about 1e-6
 
 
-def texts(tok) -> list[str]:
+class Case(NamedTuple):
+    """A reward model to serve, the prompts, and transformers' rewards for them."""
+
+    path: Path
+    prompts: list[str]
+    expected: torch.Tensor
+
+
+def prompts_for(path: Path) -> list[str]:
     """Probe texts of different lengths; the last ends with the eos token, as TRL's reward data does."""
-    return ["the answer is good and helpful", "no", "hello world, is the reward model honest?", f"yes{tok.eos_token}"]
-
-
-@pytest.fixture(scope="module")
-def reward_models(build, tmp_path_factory) -> dict[tuple[str, str], Path]:
-    """(family, head) -> a reward model converted from a tiny causal LM of servable size."""
-    root = tmp_path_factory.mktemp("served")
-    out = {}
-    for family in FAMILIES:
-        src = build(family, **SERVABLE)
-        for head in HEADS:
-            out[family, head] = root / f"{family}-{head}"
-            convert(src, out[family, head], head=head)
-    return out
+    eos = AutoTokenizer.from_pretrained(path).eos_token
+    return ["the answer is good and helpful", "no", "hello world, is the reward model honest?", f"yes{eos}"]
 
 
 def transformers_rewards(path: Path, prompts: list[str]) -> torch.Tensor:
@@ -72,6 +69,46 @@ def transformers_rewards(path: Path, prompts: list[str]) -> torch.Tensor:
     tok.padding_side = "right"
     with torch.no_grad():
         return model(**tok(prompts, return_tensors="pt", padding=True)).logits
+
+
+@pytest.fixture(scope="module")
+def cases(build, tmp_path_factory) -> dict[tuple[str, str], Case]:
+    """(family, head) -> a converted tiny model of servable size; plus two controls. transformers' rewards are
+    computed here, before any vLLM engine runs in this process: vLLM's Transformers backend (OLMo 2's path)
+    patches transformers' model classes in place."""
+    root = tmp_path_factory.mktemp("served")
+    out = {}
+    for family in FAMILIES:
+        src = build(family, **SERVABLE)
+        for head in HEADS:
+            path = root / f"{family}-{head}"
+            convert(src, path, head=head)
+            prompts = prompts_for(path)
+            out[family, head] = Case(path, prompts, transformers_rewards(path, prompts))
+    # control 1: without problem_type, vLLM returns softmax probabilities (transformers' pipeline does too)
+    path = Path(shutil.copytree(out["llama3", "bt"].path, root / "no-problem-type"))
+    config = json.loads((path / "config.json").read_text())
+    del config["problem_type"]
+    (path / "config.json").write_text(json.dumps(config))
+    out["no-problem-type", "bt"] = Case(path, out["llama3", "bt"].prompts, out["llama3", "bt"].expected.softmax(-1))
+    # control 2: pad = eos (HALOs' choice)
+    path = root / "pad-eos"
+    convert(build("llama3", **SERVABLE), path, pad_token="eos")
+    prompts = prompts_for(path)
+    out["pad-eos", "scalar"] = Case(path, prompts, transformers_rewards(path, prompts))
+    return out
+
+
+def offline_rewards(case: Case) -> torch.Tensor:
+    """``LLM.classify`` of the case's prompts; the engine is released afterwards."""
+    from vllm import LLM
+
+    llm = LLM(model=str(case.path), runner="pooling", **ENGINE)
+    try:
+        return torch.tensor([output.outputs.probs for output in llm.classify(case.prompts)])
+    finally:
+        del llm
+        gc.collect()
 
 
 def free_port() -> int:
@@ -127,79 +164,47 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def servers(reward_models, tmp_path_factory):
+def servers(cases, tmp_path_factory):
     """The SERVED models' servers, started before the offline checks so that they boot meanwhile."""
     logs = tmp_path_factory.mktemp("server-logs")
-    started = {key: Server(reward_models[key], logs / f"{'-'.join(key)}.log") for key in SERVED}
+    started = {key: Server(cases[key].path, logs / f"{'-'.join(key)}.log") for key in SERVED}
     yield started
     for server in started.values():
         server.stop()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_offline_classify_returns_transformers_rewards(servers, reward_models, family):
-    from vllm import LLM
-
+def test_offline_classify_returns_transformers_rewards(servers, cases, family):
     for head in HEADS:
-        path = reward_models[family, head]
-        prompts = texts(AutoTokenizer.from_pretrained(path))
-        expected = transformers_rewards(path, prompts)
-        llm = LLM(model=str(path), runner="pooling", **ENGINE)
-        try:
-            served = torch.tensor([output.outputs.probs for output in llm.classify(prompts)])
-        finally:
-            del llm
-            gc.collect()
-        assert served.shape == expected.shape == (len(prompts), 1 if head == "scalar" else 2)
-        torch.testing.assert_close(served, expected, atol=TOLERANCE, rtol=TOLERANCE)
+        case = cases[family, head]
+        served = offline_rewards(case)
+        assert served.shape == case.expected.shape == (len(case.prompts), 1 if head == "scalar" else 2)
+        torch.testing.assert_close(served, case.expected, atol=TOLERANCE, rtol=TOLERANCE)
         if head == "bt":  # [zeros; w]: logits[:, 0] is 0, logits[:, 1] the reward
             assert bool((served[:, 0] == 0).all())
 
 
 @pytest.mark.parametrize("key", SERVED, ids=["-".join(k) for k in SERVED])
-def test_http_classify_returns_transformers_rewards(servers, reward_models, key):
-    server = servers[key]
+def test_http_classify_returns_transformers_rewards(servers, cases, key):
+    server, case = servers[key], cases[key]
     server.wait_ready()
-    path = reward_models[key]
-    prompts = texts(AutoTokenizer.from_pretrained(path))
-    response = server.classify(prompts)
-    served = torch.tensor([row["probs"] for row in sorted(response["data"], key=lambda row: row["index"])])
-    assert [row["num_classes"] for row in response["data"]] == [served.shape[1]] * len(prompts)
-    torch.testing.assert_close(served, transformers_rewards(path, prompts), atol=TOLERANCE, rtol=TOLERANCE)
+    response = server.classify(case.prompts)
+    rows = sorted(response["data"], key=lambda row: row["index"])
+    served = torch.tensor([row["probs"] for row in rows])
+    assert [row["num_classes"] for row in rows] == [case.expected.shape[1]] * len(case.prompts)
+    torch.testing.assert_close(served, case.expected, atol=TOLERANCE, rtol=TOLERANCE)
 
 
-def test_without_regression_vllm_returns_probabilities(reward_models, tmp_path):
-    """The control: the same 2-label model without problem_type is served as softmax probabilities."""
-    from vllm import LLM
-
-    path = Path(shutil.copytree(reward_models["llama3", "bt"], tmp_path / "no-problem-type"))
-    config = json.loads((path / "config.json").read_text())
-    del config["problem_type"]
-    (path / "config.json").write_text(json.dumps(config))
-    prompts = texts(AutoTokenizer.from_pretrained(path))
-    llm = LLM(model=str(path), runner="pooling", **ENGINE)
-    try:
-        served = torch.tensor([output.outputs.probs for output in llm.classify(prompts)])
-    finally:
-        del llm
-        gc.collect()
-    torch.testing.assert_close(served, transformers_rewards(path, prompts).softmax(-1), atol=TOLERANCE, rtol=0)
+def test_without_regression_vllm_returns_probabilities(cases):
+    """The same 2-label model without problem_type is served as softmax probabilities, not rewards."""
+    case = cases["no-problem-type", "bt"]
+    torch.testing.assert_close(offline_rewards(case), case.expected, atol=TOLERANCE, rtol=0)
 
 
-def test_pad_equal_to_eos_makes_vllm_and_transformers_disagree(build, tmp_path):
-    """The other control: with pad = eos, transformers reads a text ending in eos at the token before it,
-    vLLM at the eos itself; rmconvert's pad (never an eos) is what keeps the two equal above."""
-    from vllm import LLM
-
-    path = tmp_path / "pad-eos"
-    convert(build("llama3", **SERVABLE), path, pad_token="eos")
-    prompts = texts(AutoTokenizer.from_pretrained(path))
-    expected = transformers_rewards(path, prompts)
-    llm = LLM(model=str(path), runner="pooling", **ENGINE)
-    try:
-        served = torch.tensor([output.outputs.probs for output in llm.classify(prompts)])
-    finally:
-        del llm
-        gc.collect()
-    torch.testing.assert_close(served[:-1], expected[:-1], atol=TOLERANCE, rtol=TOLERANCE)
-    assert not torch.allclose(served[-1], expected[-1], atol=1e-3)
+def test_pad_equal_to_eos_makes_vllm_and_transformers_disagree(cases):
+    """With pad = eos, transformers reads a text ending in eos at the token before it, vLLM at the eos itself;
+    rmconvert's pad (never an eos) is what keeps the two equal above."""
+    case = cases["pad-eos", "scalar"]
+    served = offline_rewards(case)
+    torch.testing.assert_close(served[:-1], case.expected[:-1], atol=TOLERANCE, rtol=TOLERANCE)
+    assert not torch.allclose(served[-1], case.expected[-1], atol=1e-3)
