@@ -102,7 +102,7 @@ CODES = {
         Code(
             "RM051",
             WARNING,
-            "problem_type is not regression: vLLM, sglang and transformers' pipeline return sigmoid or softmax"
+            "problem_type is not regression: vLLM and transformers' pipeline return sigmoid or softmax"
             " probabilities instead of rewards",
             'set "problem_type": "regression" in config.json, or ' + FIX,
         ),
