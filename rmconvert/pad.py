@@ -14,8 +14,6 @@ from .errors import CheckpointError
 from .tokenizer_files import TokenizerFiles
 
 NEW_PAD = "<pad>"
-#: Modes of --pad-token; any other value is a token's text.
-MODES = ("auto", "eos", "keep", "existing")
 #: Names of tokens real sequences hold even though they are special: media placeholders (``<|image_pad|>``)
 #: and chat or tool structure (``<|im_start|>``, ``<|start_header_id|>``), in every conversation. A pad must
 #: be none of them: open-instruct masks attention by ``ids != pad_token_id``.

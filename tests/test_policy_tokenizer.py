@@ -50,6 +50,12 @@ def test_existing_pad_of_a_reward_model_is_kept(build, tmp_path):
     assert not any("moves where rewards are read" in w for w in report["warnings"])
 
 
+def test_existing_pad_replacing_a_reward_models_eos_pad_warns(build, tmp_path):
+    report = convert(build("qwen25", labels=1), tmp_path / "rm", pad_token="existing")
+    assert (report["pad"]["token"], report["pad"]["action"]) == ("<|fim_pad|>", "reused")
+    assert any("moves where rewards are read" in w for w in report["warnings"])
+
+
 def test_auto_pad_that_adds_a_token_fails_the_policy_check(build, tmp_path):
     src = build("llama2")
     convert(src, tmp_path / "rm")  # auto adds <pad> = 293
