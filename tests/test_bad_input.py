@@ -227,6 +227,13 @@ def add_token(src: Path, token_id: int) -> None:
     edit_json(src / TOKENIZER, lambda t: t["added_tokens"].append(entry))
 
 
+def without_unk(src: Path) -> None:
+    """Llama 2's tokenizer with no unknown token declared: only <s> and </s> are left, and neither may pad."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # transformers 4 writes both
+        if (src / name).exists():
+            edit_json(src / name, lambda c: c.pop("unk_token", None))
+
+
 # --- the catalogue -----------------------------------------------------------------------------
 
 Culprit = str | Callable[[Path], Path]
@@ -333,9 +340,8 @@ BAD_SOURCES = [
     source_case("tokenizer-without-model", "no model vocabulary or added_tokens list",
                 lambda s: edit_json(s / TOKENIZER, lambda t: t.pop("model")), TOKENIZER),
     source_case("token-id-far-beyond-vocab", str(FAR_TOKEN_ID), lambda s: add_token(s, FAR_TOKEN_ID), TOKENIZER),
-    source_case("pad-existing-none-qualifies", "--pad-token existing: no token qualifies as pad",
-                lambda s: edit_json(s / "tokenizer_config.json", lambda c: c.pop("unk_token")), TOKENIZER,
-                options=["--pad-token", "existing"]),
+    source_case("pad-existing-none-qualifies", "--pad-token existing: no token qualifies as pad", without_unk,
+                TOKENIZER, options=["--pad-token", "existing"]),
     source_case("only-pytorch-model-bin", "only safetensors weights are supported, found pytorch_model.bin",
                 only_pickle, "."),
     source_case("no-weights", f"no {SINGLE} or {INDEX}", lambda s: (s / SINGLE).unlink(), "."),

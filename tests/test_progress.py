@@ -6,20 +6,27 @@ from __future__ import annotations
 import errno
 import os
 import pty
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from click.testing import CliRunner
 
 from rmconvert.cli import cli
 
-MAIN = "from rmconvert.cli import main; main()"
+
+def rmconvert_script() -> str:
+    """The installed ``rmconvert`` console script (run from the source tree, ``python -c`` would import the
+    unbuilt package)."""
+    script = Path(sys.executable).with_name("rmconvert")
+    return str(script) if script.exists() else shutil.which("rmconvert")
 
 
 def run_on_a_terminal(*args) -> tuple[int, str, str]:
     """Run the CLI in a subprocess whose stderr is a pseudo-terminal; (exit code, stdout, what the terminal got)."""
     controller, terminal = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-c", MAIN, *map(str, args)], stdout=subprocess.PIPE, stderr=terminal)
+    proc = subprocess.Popen([rmconvert_script(), *map(str, args)], stdout=subprocess.PIPE, stderr=terminal)
     os.close(terminal)
     seen = bytearray()
     while True:
