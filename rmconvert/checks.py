@@ -12,7 +12,7 @@ from .errors import CheckpointError
 from .findings import Finding, Subject
 from .pad import eos_ids
 from .schema import schema_errors
-from .tokenizer_files import TOKENIZER_CONFIG
+from .tokenizer_files import TOKENIZER, TOKENIZER_CONFIG
 
 CONFIG = "config.json"
 
@@ -165,6 +165,47 @@ def dropout(s: Subject) -> Iterator[Finding]:
             yield s.finding("RM050", CONFIG, f"/{name}", f"{value}")
 
 
+def problem_type(s: Subject) -> Iterator[Finding]:
+    """Serving stacks apply sigmoid (1 label) or softmax (2 labels) unless the config says regression."""
+    value = s.config.get("problem_type")
+    if value != "regression":
+        yield s.finding("RM051", CONFIG, "/problem_type", "missing" if value is None else repr(value))
+
+
+def _listed(tokens: list[str], ids: dict[str, int], here: dict[str, int] | None = None) -> str:
+    """``N ('<a>' = 1, ...)``: how many tokens, the first three with their ids (and the ids ``here``)."""
+    shown = ", ".join(f"{t!r} = {ids[t]}" + (f" here {here[t]}" if here else "") for t in tokens[:3])
+    return f"{len(tokens)} ({shown}{', ...' if len(tokens) > 3 else ''})"
+
+
+def policy_vocabulary(s: Subject) -> Iterator[Finding]:
+    """With --policy: the same token -> id map as the policy's tokenizer, and embedding rows for each id."""
+    if s.policy is None or s.tokenizer is None:
+        return
+    ours, theirs = s.tokenizer.ids, s.policy.ids
+    extra = sorted((t for t in ours if t not in theirs), key=ours.get)
+    missing = sorted((t for t in theirs if t not in ours), key=theirs.get)
+    moved = sorted((t for t in theirs if t in ours and ours[t] != theirs[t]), key=theirs.get)
+    problems = [
+        f"{_listed(extra, ours)} not in the policy's" if extra else "",
+        f"{_listed(missing, theirs)} of the policy's missing" if missing else "",
+        f"{_listed(moved, theirs, ours)} at other ids" if moved else "",
+    ]
+    if extra or missing or moved:
+        yield s.finding("RM070", TOKENIZER, "/added_tokens", "tokens: " + "; ".join(p for p in problems if p))
+    if s.architecture is None:
+        return
+    try:
+        rows = s.ckpt.tensors[s.architecture.embedding_name(s.ckpt)].shape[0]
+    except CheckpointError:
+        return  # RM023
+    if rows < len(s.policy):
+        name = s.architecture.embedding_name(s.ckpt)
+        yield s.finding(
+            "RM071", s.ckpt.tensors[name].path.name, name, f"{rows} rows; the policy's ids reach {len(s.policy) - 1}"
+        )
+
+
 #: The static checks, in report order.
 STATIC = (
     known_architecture,
@@ -181,4 +222,6 @@ STATIC = (
     index,
     pickled,
     dropout,
+    problem_type,
+    policy_vocabulary,
 )

@@ -6,6 +6,8 @@ import functools
 import json
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import click
@@ -42,6 +44,38 @@ def reports_errors(command):
     return wrapper
 
 
+class ByteBar:
+    """``on_bytes(done, total)`` drawn as a bar on a terminal, redrawn at most ten times a second (workers
+    call it from their threads)."""
+
+    WIDTH = 30
+
+    def __init__(self, stream):
+        self.stream, self.lock, self.last, self.drawn = stream, threading.Lock(), 0.0, False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if done < total and now - self.last < 0.1:
+                return
+            self.last, self.drawn = now, True
+            part = min(done / total, 1.0) if total else 1.0
+            filled = round(part * self.WIDTH)
+            mib = lambda n: f"{n / 2**20:,.1f}"
+            self.stream.write(
+                f"\r[{'#' * filled}{'.' * (self.WIDTH - filled)}] {part:4.0%} {mib(min(done, total))}/{mib(total)} MiB"
+            )
+            self.stream.flush()
+
+    def close(self) -> None:
+        """End the bar's line, so that what follows starts on a line of its own."""
+        with self.lock:
+            if self.drawn:
+                self.stream.write("\n")
+                self.stream.flush()
+                self.drawn = False
+
+
 def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2))
 
@@ -74,9 +108,11 @@ def cli():
     "--pad-token",
     default="auto",
     show_default=True,
-    metavar="auto|eos|keep|TOKEN",
+    metavar="auto|eos|keep|existing|TOKEN",
     help="auto: a pad distinct from every eos (kept for an existing reward model). eos: pad = eos,"
-    " as HALOs does (moves where rewards are read). keep: leave as is. TOKEN: that token.",
+    " as HALOs does (moves where rewards are read). keep: leave as is. existing: a token already in the"
+    " tokenizer, never an eos, so the vocabulary stays the policy's (value models in TRL, open-instruct)."
+    " TOKEN: that token.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a new head's initialisation.")
 @click.option("--init-std", type=float, help="Std of a new head (default 1/sqrt(hidden_size + 1), as open-instruct).")
@@ -131,7 +167,13 @@ def convert(src, dst, overwrite, link, as_json, **options):
     """
     from .engine import convert as run
 
-    report = run(src, dst, overwrite=overwrite, link=link, progress=lambda msg: click.echo(msg, err=True), **options)
+    bar = ByteBar(sys.stderr) if not as_json and sys.stderr.isatty() else None
+    lines = None if as_json or bar else lambda msg: click.echo(msg, err=True)
+    try:
+        report = run(src, dst, overwrite=overwrite, link=link, progress=lines, on_bytes=bar, **options)
+    finally:
+        if bar:
+            bar.close()
     if as_json:
         _echo_json(report)
         return
@@ -140,7 +182,8 @@ def convert(src, dst, overwrite, link, as_json, **options):
     head, pad, vocab = report["head"], report["pad"], report["vocab"]
     click.echo(
         f"{report['destination']}: {report['class']} with a {head['labels']}-label head ({head['how']});"
-        f" pad {pad['token']!r} = {pad['id']} ({pad['action']}); vocab {vocab['from']} -> {vocab['to']}",
+        f" pad {pad['token']!r} = {pad['id']} ({pad['action']}: {pad['reason']}); vocab {vocab['from']} ->"
+        f" {vocab['to']}",
         err=True,
     )
 
@@ -161,16 +204,25 @@ def convert(src, dst, overwrite, link, as_json, **options):
     " with --load, hidden states and rewards).",
 )
 @click.option("--against-revision", metavar="REV", help="When --against SRC is a repo id: its branch, tag or commit.")
+@click.option(
+    "--policy",
+    type=click.Path(path_type=Path),
+    metavar="POLICY",
+    help="The policy checkpoint it will score (PPO, GRPO): check that the vocabularies are identical"
+    " (token -> id) and that the embedding covers the policy's tokenizer.",
+)
 @click.option("--strict", is_flag=True, help="Warnings count as errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @reports_errors
-def validate(path, revision, load, against, against_revision, strict, as_json):
+def validate(path, revision, load, against, against_revision, policy, strict, as_json):
     """Check that the reward-model checkpoint PATH (a directory or a Hugging Face repo id) is sound: exit 0
     when no errors (no warnings either under --strict), 1 otherwise."""
     from .validation import ERROR
     from .validation import validate as run
 
-    findings = run(path, load=load, against=against, revision=revision, against_revision=against_revision)
+    findings = run(
+        path, load=load, against=against, policy=policy, revision=revision, against_revision=against_revision
+    )
     errors = [f for f in findings if f.severity == ERROR or strict]
     warnings = [f for f in findings if f not in errors]
     if as_json:

@@ -157,12 +157,13 @@ def _check_shapes(ckpt: Checkpoint, arch: Architecture, embedding: str, head: st
 
 
 def _output_config(ckpt: Checkpoint, registered: Registered, labels: int, vocab: int, pad: PadChoice, dtype) -> dict:
-    """config.json of the reward model: class, labels, vocab, pad, no dropout; the rest preserved."""
+    """config.json of the reward model: class, labels, regression, vocab, pad, no dropout; the rest preserved."""
     config = copy.deepcopy(ckpt.config)
     arch = registered.architecture
     config["architectures"] = [arch.class_name(ckpt.model_type)]
     config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
     config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
+    config["problem_type"] = "regression"  # servers and pipelines then return raw rewards, not sigmoid/softmax
     config.pop("num_labels", None)
     config.pop("value_head_prefix", None)
     text_config(config)["vocab_size"] = vocab
@@ -341,7 +342,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
         "model_type": ckpt.model_type,
         "source_kind": "value-head model" if value_head else "reward model" if existing is not None else "causal LM",
         "head": {"from": existing.shape[0] if existing else None, "labels": labels, "how": head_how},
-        "pad": {"token": pad.token, "id": pad.id, "action": pad.action},
+        "pad": {"token": pad.token, "id": pad.id, "action": pad.action, "reason": pad.reason},
         "vocab": {"from": vocab, "to": new_vocab, "tokenizer": tokens, "added_rows": new_vocab - vocab},
         "dtype": options.dtype or "unchanged",
         "dropped": sorted(dropped),
@@ -368,7 +369,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     return Plan(ckpt, registered, json_files, generated, shards, index, copies, report)
 
 
-def _sha256(path: Path, stop: threading.Event) -> str | None:
+def _sha256(path: Path, stop: threading.Event, advance=None) -> str | None:
     """``sha256:<hex>`` of a file (its Hugging Face LFS oid), or None once ``stop`` is set.
 
     A file of a Hugging Face cache snapshot links to ``blobs/<sha256>`` when it is an LFS file: the name
@@ -385,6 +386,8 @@ def _sha256(path: Path, stop: threading.Event) -> str | None:
             if stop.is_set():
                 return None
             digest.update(view[:n])
+            if advance is not None:
+                advance(n)
     return "sha256:" + digest.hexdigest()
 
 
@@ -452,8 +455,13 @@ def _check_config(plan: Plan) -> None:
 JOB_ORDER = {"assemble": 0, "copy": 1, "hash": 2}
 
 
-def write_plan(plan: Plan, out: Path, options: Options, link: bool = False, progress=None) -> dict[str, int]:
+def write_plan(
+    plan: Plan, out: Path, options: Options, link: bool = False, progress=None, on_bytes=None
+) -> dict[str, int]:
     """Write every file of ``plan`` into the empty directory ``out``; returns how many shards were written how.
+
+    ``progress(message)`` is called when a shard is written; ``on_bytes(done, total)``, from the workers,
+    as bytes are copied, written and hashed.
 
     Two workers (this machine class has two cores) copy shards, then hash the sources, biggest first
     so that they finish together. A third thread checks the config, then flushes each finished file to
@@ -479,6 +487,8 @@ def write_plan(plan: Plan, out: Path, options: Options, link: bool = False, prog
     if options.hash_sources:
         jobs += [("hash", size(n), n, partial(_sha256, ckpt.path / n)) for n in set(read)]
     jobs.sort(key=lambda j: (JOB_ORDER[j[0]], -j[1], j[2]))  # biggest first in each kind
+    meter = _Meter(sum(j[1] for j in jobs), on_bytes)
+    jobs = [(kind, nbytes, name, partial(job, advance=meter.add)) for kind, nbytes, name, job in jobs]
     stop = threading.Event()
     with ThreadPoolExecutor(max_workers=2) as pool, ThreadPoolExecutor(max_workers=1) as background:
         try:  # from the first submit on: a signal that lands between two submits must stop the workers too
@@ -518,29 +528,47 @@ def _shard_bytes(shard: Header | list[OutTensor]) -> int:
     return shard.size if isinstance(shard, Header) else sum(t.nbytes for t in shard)
 
 
-def _write_shard(target: Path, shard: Header | list[OutTensor], ckpt: Checkpoint, link: bool, stop) -> str:
+class _Meter:
+    """Bytes done out of a total, summed across the workers, reported to ``callback(done, total)``."""
+
+    def __init__(self, total: int, callback):
+        self.total, self.done, self.callback = total, 0, callback
+        self.lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        if self.callback is not None:
+            with self.lock:
+                self.done += nbytes
+                self.callback(self.done, self.total)
+
+
+def _write_shard(
+    target: Path, shard: Header | list[OutTensor], ckpt: Checkpoint, link: bool, stop, advance=None
+) -> str:
     """Write one shard: linked or copied whole when unchanged, else assembled; returns which."""
     if isinstance(shard, Header) and link:
         method = _link(shard.path, target)
         if method:
+            if advance is not None:
+                advance(shard.size)
             return method
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         if isinstance(shard, Header):
-            write_parts(fd, [ByteRange(shard.path, 0, shard.size)], stop)
+            write_parts(fd, [ByteRange(shard.path, 0, shard.size)], stop, advance)
             return "copied"
         header, ordered = layout(shard, _metadata(ckpt, shard))
-        write_parts(fd, [header] + [p for t in ordered for p in t.parts], stop)
+        write_parts(fd, [header] + [p for t in ordered for p in t.parts], stop, advance)
         return "assembled"
     finally:
         os.close(fd)
 
 
-def _write_copy(target: Path, source: Path, stop) -> str:
+def _write_copy(target: Path, source: Path, stop, advance=None) -> str:
     """Copy a file that needs no change (tokenizer model, chat template, README, ...)."""
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
-        write_parts(fd, [ByteRange(source, 0, source.stat().st_size)], stop)
+        write_parts(fd, [ByteRange(source, 0, source.stat().st_size)], stop, advance)
     finally:
         os.close(fd)
     return "file"
@@ -561,6 +589,7 @@ def convert(
     registry: Registry | None = None,
     progress=None,
     revision: str | None = None,
+    on_bytes=None,
     **options,
 ) -> dict:
     """Convert the checkpoint at ``src`` into a reward model at ``dst``; returns the report.
@@ -568,6 +597,8 @@ def convert(
     ``src`` is a directory, or a Hub repo id ``org/name`` at ``revision`` (see :func:`rmconvert.hub.resolve_source`).
     ``options`` are the fields of :class:`Options`. ``link`` reflinks or hard-links shards that are
     unchanged instead of copying them (a hard-linked file shares its inode with the source).
+    ``progress(message)`` is called as each shard is written, ``on_bytes(done, total)`` from the workers
+    as bytes are copied, written and hashed.
     """
     options["max_shard_size"] = parse_size(options.get("max_shard_size"))
     opts = Options(**options)
@@ -581,7 +612,7 @@ def convert(
     plan = plan_conversion(ckpt, registered, opts)
     try:
         with staged(dst, overwrite) as out:
-            plan.report["written"] = write_plan(plan, out, opts, link, progress)
+            plan.report["written"] = write_plan(plan, out, opts, link, progress, on_bytes)
     except OSError as exc:
         raise OutputError(f"write failed: {exc.strerror or exc}", exc.filename or dst) from None
     plan.report["destination"] = str(dst)

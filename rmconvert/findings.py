@@ -113,7 +113,27 @@ CODES = {
             FIX + " (writes safetensors)",
         ),
         Code("RM050", WARNING, "a dropout field is not 0 (open-instruct trains reward models without dropout)", FIX),
+        Code(
+            "RM051",
+            WARNING,
+            "problem_type is not regression: vLLM and transformers' pipeline return sigmoid or softmax"
+            " probabilities instead of rewards",
+            'set "problem_type": "regression" in config.json, or ' + FIX,
+        ),
         Code("RM060", ERROR, "a tokenizer file is missing or malformed", "save the tokenizer with transformers"),
+        Code(
+            "RM070",
+            ERROR,
+            "the vocabulary differs from the policy's (token -> id): a value model made from the reward model"
+            " reads the policy's ids as other tokens",
+            "rmconvert convert SFT-CHECKPOINT DST --pad-token existing (keeps the policy's vocabulary)",
+        ),
+        Code(
+            "RM071",
+            ERROR,
+            "the embedding has fewer rows than the policy's tokenizer has ids",
+            "rmconvert convert SFT-CHECKPOINT DST --pad-token existing, from a checkpoint with the policy's tokenizer",
+        ),
         Code(
             "RM100", ERROR, "loading reports missing keys (randomly initialised)", "check the checkpoint's tensor names"
         ),
@@ -169,6 +189,7 @@ class Subject:
     generation_config: dict | None
     registry: Registry
     repo: tuple[str, str | None] | None = None  # (repo id, revision) when it was named by a Hub repo id
+    policy: TokenizerFiles | None = None  # the tokenizer of the policy it will serve (validate --policy)
 
     @property
     def config(self) -> dict:

@@ -6,6 +6,7 @@ transformers pools a sequence-classification model at the rightmost token that i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .checkpoint import text_config
@@ -13,6 +14,13 @@ from .errors import CheckpointError
 from .tokenizer_files import TokenizerFiles
 
 NEW_PAD = "<pad>"
+#: Names of tokens real sequences hold even though they are special: media placeholders (``<|image_pad|>``)
+#: and chat or tool structure (``<|im_start|>``, ``<|start_header_id|>``), in every conversation. A pad must
+#: be none of them: open-instruct masks attention by ``ids != pad_token_id``.
+IN_USE = re.compile(r"image|video|vision|audio|im_start|im_end|header|eot|eom|turn|inst|tool|think", re.IGNORECASE)
+#: Names of tokens a vocabulary keeps spare (Llama 3 ``<|reserved_special_token_0|>``, Gemma ``<unused0>``,
+#: Phi-3 ``<|placeholder1|>``, T5 ``<extra_id_0>``).
+SPARE = re.compile(r"reserved|unused|placeholder|dummy|extra_id", re.IGNORECASE)
 EOS_WARNING = (
     "pad = eos: transformers >= 4.49 then reads the reward at the token before the final eos, and older"
     " versions at the token before the first eos (often the end of the prompt)"
@@ -26,6 +34,7 @@ class PadChoice:
     token: str | None
     id: int | None
     action: str  # kept | reused | added | eos | keep | given
+    reason: str = ""
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -64,33 +73,36 @@ def choose_pad(
     preferred: tuple[str, ...],
     reward_model: bool,
 ) -> PadChoice:
-    """Pick the pad for ``mode`` (auto | eos | keep | a token's text)."""
+    """Pick the pad for ``mode`` (auto | eos | keep | existing | a token's text)."""
     eos = eos_ids(config, generation_config, tok)
     names = {i: t for t, i in tok.ids.items()}
     current = current_pad_id(config, tok)
+    if mode == "existing":
+        return _existing(tok, eos, current, preferred, reward_model)
     if mode == "keep" or (mode == "auto" and reward_model and current is not None):
         warnings = []
         if current is None:
             warnings.append("no pad token: transformers refuses batches of more than one sequence")
         elif current in eos:
             warnings.append(EOS_WARNING + "; kept because the reward model was trained with it")
-        return PadChoice(names.get(current), current, "keep" if mode == "keep" else "kept", tuple(warnings))
+        reason = "--pad-token keep" if mode == "keep" else "the pad the reward model was trained with"
+        return PadChoice(names.get(current), current, "keep" if mode == "keep" else "kept", reason, tuple(warnings))
     if mode == "eos":
         token = tok.special("eos")
         eos_id = tok.ids.get(token) if token else None
         eos_id = eos_id if eos_id is not None else min(eos, default=None)
-        return PadChoice(names.get(eos_id), eos_id, "eos", (EOS_WARNING,))
+        return PadChoice(names.get(eos_id), eos_id, "eos", "--pad-token eos", (EOS_WARNING,))
     if mode == "auto":
         if current is not None and current not in eos and current in names:
-            return PadChoice(names[current], current, "kept")
+            return PadChoice(names[current], current, "kept", "the configured pad, not an eos")
         taken = eos | {tok.special_id("bos"), tok.special_id("unk")}
         for token in preferred:
             if token in tok.ids and tok.ids[token] not in taken:
-                return PadChoice(token, tok.ids[token], "reused")
+                return PadChoice(token, tok.ids[token], "reused", "an unused pad token already in the vocabulary")
         return _added(NEW_PAD if NEW_PAD not in tok.ids else "<|rmconvert_pad|>", tok, eos)
     if mode in tok.ids:
         warnings = (EOS_WARNING,) if tok.ids[mode] in eos else ()
-        return PadChoice(mode, tok.ids[mode], "given", warnings)
+        return PadChoice(mode, tok.ids[mode], "given", "--pad-token TOKEN", warnings)
     return _added(mode, tok, eos)
 
 
@@ -101,4 +113,39 @@ def _added(token: str, tok: TokenizerFiles, eos: set[int]) -> PadChoice:
             f"an eos_token_id is {len(tok)}, past the tokenizer's last id {len(tok) - 1}: the new pad would be an eos",
             tok.path / "config.json",
         )
-    return PadChoice(token, len(tok), "added")
+    return PadChoice(token, len(tok), "added", "no pad distinct from every eos in the vocabulary")
+
+
+def _existing(tok: TokenizerFiles, eos: set[int], current: int | None, preferred, reward_model: bool) -> PadChoice:
+    """A pad among the tokens the tokenizer already has, never an eos, bos or a token real sequences hold, so
+    the vocabulary stays the policy's (TRL and open-instruct feed the policy's ids to a value model made from
+    the reward model)."""
+    names = {i: t for t, i in tok.ids.items()}
+    taken = eos | {tok.special_id("bos")}
+    added = [(e["content"], e["id"]) for e in sorted(tok.tokenizer["added_tokens"], key=lambda e: e["id"])]
+    usable = [(t, i) for t, i in added if i not in taken and not IN_USE.search(t)]
+    candidates = (
+        [(names.get(current), current, "kept", "the configured pad, not an eos")] if current not in taken else []
+    )
+    candidates += [
+        (t, tok.ids[t], "reused", "a pad token already in the vocabulary") for t in preferred if t in tok.ids
+    ]
+    candidates += [
+        (t, i, "reused", "a pad-like special token already in the vocabulary") for t, i in usable if "pad" in t.lower()
+    ]
+    candidates += [
+        (t, i, "reused", "a reserved special token, unused by real sequences") for t, i in usable if SPARE.search(t)
+    ]
+    unk = tok.special_id("unk")
+    candidates += [(tok.special("unk"), unk, "reused", "the unknown token (no pad, pad-like or reserved token)")]
+    for token, token_id, action, reason in candidates:
+        if token is not None and token_id is not None and token_id not in taken and token_id in names:
+            warnings = ()
+            if reward_model and token_id != current:
+                warnings = (f"changed the reward model's pad to {token!r}: this moves where rewards are read",)
+            return PadChoice(token, token_id, action, f"--pad-token existing: {reason}", warnings)
+    raise CheckpointError(
+        "--pad-token existing: no token qualifies as pad (no configured pad other than an eos, no pad-like,"
+        " reserved or unknown token); use --pad-token auto to add <pad>",
+        tok.path / "tokenizer.json",
+    )

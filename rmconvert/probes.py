@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from .checkpoint import VALUE_HEAD, open_checkpoint
@@ -22,22 +23,41 @@ def _tolerance(dtype) -> float:
     return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
 
 
+@contextmanager
+def _quiet_transformers():
+    """No progress bars ("Loading weights") or warnings from transformers in validate's report; the loading
+    info and exceptions carry what matters. Restores the caller's settings."""
+    from transformers.utils import logging
+
+    bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def _load(subject: Subject, path: Path, causal: bool = False):
     """(model, loading info) in eval mode; never runs checkpoint code (no trust_remote_code)."""
     from transformers import AutoModelForCausalLM
 
     from .loading import load_reward_model
 
-    if causal:
-        return AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, trust_remote_code=False)
-    return load_reward_model(path, output_loading_info=True, trust_remote_code=False, registry=subject.registry)
+    with _quiet_transformers():
+        if causal:
+            return AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, trust_remote_code=False)
+        return load_reward_model(path, output_loading_info=True, trust_remote_code=False, registry=subject.registry)
 
 
 def _probe_ids(path: Path):
     """Token ids of the probe texts (unpadded), from the reward model's tokenizer."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    with _quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(path)
     return tok, [tok(text, return_tensors="pt").input_ids for text in PROBE_TEXTS]
 
 

@@ -334,9 +334,10 @@ def _merged(parts) -> list:
     return merged
 
 
-def write_parts(dst_fd: int, parts, stop: threading.Event | None = None) -> None:
+def write_parts(dst_fd: int, parts, stop: threading.Event | None = None, advance=None) -> None:
     """Append parts to ``dst_fd`` in order: byte ranges copied by the kernel, casts and repeats in bounded
-    chunks; checks ``stop`` between chunks so that an interrupted run ends promptly."""
+    chunks; checks ``stop`` between chunks so that an interrupted run ends promptly, and calls
+    ``advance(nbytes)`` after each chunk (progress)."""
     from .dtypes import cast
 
     fds: dict[Path, int] = {}
@@ -350,27 +351,39 @@ def write_parts(dst_fd: int, parts, stop: threading.Event | None = None) -> None
         if stop is not None and stop.is_set():
             raise Stopped
 
+    def written(nbytes: int) -> None:
+        if advance is not None:
+            advance(nbytes)
+
     try:
         for part in _merged(parts):
             if isinstance(part, ByteRange):
                 for start in range(0, part.length, COPY_CHUNK):
                     check()
-                    copy_range(fd_of(part.path), dst_fd, part.offset + start, min(COPY_CHUNK, part.length - start))
+                    n = min(COPY_CHUNK, part.length - start)
+                    copy_range(fd_of(part.path), dst_fd, part.offset + start, n)
+                    written(n)
             elif isinstance(part, Cast):
                 src = part.source
                 step = CAST_CHUNK - CAST_CHUNK % (DTYPE_BITS[part.from_dtype] // 8)
                 for start in range(0, src.length, step):
                     check()
                     raw = os.pread(fd_of(src.path), min(step, src.length - start), src.offset + start)
-                    write_all(dst_fd, cast(raw, part.from_dtype, part.to_dtype))
+                    data = cast(raw, part.from_dtype, part.to_dtype)
+                    write_all(dst_fd, data)
+                    written(len(data))
             elif isinstance(part, Repeat):
                 row = materialize(part.row)
                 per_chunk = max(1, CAST_CHUNK // max(len(row), 1))
                 for start in range(0, part.count, per_chunk):
                     check()
-                    write_all(dst_fd, row * min(per_chunk, part.count - start))
+                    data = row * min(per_chunk, part.count - start)
+                    write_all(dst_fd, data)
+                    written(len(data))
             else:
-                write_all(dst_fd, materialize(part))
+                data = materialize(part)
+                write_all(dst_fd, data)
+                written(len(data))
     finally:
         for fd in fds.values():
             os.close(fd)

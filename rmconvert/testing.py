@@ -95,6 +95,16 @@ TINY = {
     "topk_group": 1,
 }
 
+#: Sizes a server can run: vLLM's CPU attention rejects the tiny recipes' head_dim 16 and takes 64
+#: (``build_checkpoint(kind, path, **SERVABLE)``).
+SERVABLE = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+}
+
 RECIPES = {
     # Llama 3.1: no pad, eos list in config, unused <|finetune_right_pad_id|> in the vocabulary.
     "llama3": Recipe(
@@ -135,6 +145,59 @@ RECIPES = {
         "qwen2",
         ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
         299,
+        304,
+        eos="<|endoftext|>",
+        pad="<|endoftext|>",
+        config={**COMMON, "tie_word_embeddings": True},
+    ),
+    # Llama 3.0: no pad, no <|finetune_right_pad_id|> yet, reserved special tokens between the chat tokens.
+    "llama30": Recipe(
+        "llama",
+        (
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|reserved_special_token_0|>",
+            "<|reserved_special_token_1|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|reserved_special_token_2|>",
+            "<|eot_id|>",
+        ),
+        296,
+        296,
+        eos="<|eot_id|>",
+        bos="<|begin_of_text|>",
+        config_eos=("<|end_of_text|>", "<|eot_id|>"),
+        config=COMMON,
+    ),
+    # Qwen 2.5: pad == eos, and the spare special tokens of the real tokenizer (chat, vision, tools, FIM).
+    "qwen25": Recipe(
+        "qwen2",
+        (
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|object_ref_start|>",
+            "<|object_ref_end|>",
+            "<|box_start|>",
+            "<|box_end|>",
+            "<|quad_start|>",
+            "<|quad_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|vision_pad|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+            "<tool_call>",
+            "</tool_call>",
+            "<|fim_prefix|>",
+            "<|fim_middle|>",
+            "<|fim_suffix|>",
+            "<|fim_pad|>",
+            "<|repo_name|>",
+            "<|file_sep|>",
+        ),
+        300,
         304,
         eos="<|endoftext|>",
         pad="<|endoftext|>",

@@ -16,7 +16,7 @@ from .errors import CheckpointError, UsageError
 from .findings import CODES, ERROR, WARNING, Finding, Subject
 from .host import Registry, load_registry
 from .hub import resolve_source
-from .tokenizer_files import TokenizerFiles
+from .tokenizer_files import TOKENIZER, TokenizerFiles
 
 __all__ = ["CODES", "ERROR", "WARNING", "Finding", "Subject", "validate"]
 
@@ -33,11 +33,26 @@ def _read(path: Path, registry: Registry, repo: tuple[str, str | None] | None = 
     return Subject(path, ckpt, architecture, tokenizer, tokenizer_error, generation_config, registry, repo)
 
 
+def _policy(path: Path, subject: Subject) -> TokenizerFiles:
+    """The tokenizer of the policy at ``path``; refused (bad input) when it is of another family than the
+    reward model's: fewer than half of its tokens have the same id in both."""
+    policy = TokenizerFiles.read(path)
+    if subject.tokenizer is not None:
+        same = sum(subject.tokenizer.ids.get(token) == i for token, i in policy.ids.items())
+        if 2 * same < len(policy.ids):
+            raise CheckpointError(
+                f"not the reward model's tokenizer family: {same} of its {len(policy.ids)} tokens have the same id",
+                policy.path / TOKENIZER,
+            )
+    return policy
+
+
 def validate(
     path: str | Path,
     *,
     load: bool = False,
     against: str | Path | None = None,
+    policy: str | Path | None = None,
     registry: Registry | None = None,
     revision: str | None = None,
     against_revision: str | None = None,
@@ -45,8 +60,10 @@ def validate(
     """Every finding for the reward-model checkpoint at ``path``; no finding of severity error means sound.
 
     ``load`` also loads it with transformers and scores probe batches; ``against`` compares it with the
-    checkpoint it was converted from (bytes, and with ``load`` hidden states and rewards). ``path`` and
-    ``against`` may be Hub repo ids ``org/name``, at ``revision`` and ``against_revision``.
+    checkpoint it was converted from (bytes, and with ``load`` hidden states and rewards); ``policy``
+    checks that its vocabulary is the tokenizer's of the policy checkpoint at ``policy`` (a directory
+    without a tokenizer, or one of another family, raises CheckpointError). ``path`` and ``against`` may be
+    Hub repo ids ``org/name``, at ``revision`` and ``against_revision``.
     """
     if against is None and against_revision is not None:
         raise UsageError("--against-revision applies to --against SRC, which is not given")
@@ -61,6 +78,8 @@ def validate(
         where = Path(str(exc.path)) if exc.path is not None else path
         name = where.name if where.parent == path else str(where)
         return [Finding("RM001", ERROR, name, "", exc.message, CODES["RM001"].hint)]
+    if policy is not None:
+        subject.policy = _policy(Path(policy), subject)
     findings = [f for check in checks.STATIC for f in check(subject)]
     for _, check in registry.checks:
         findings += list(check(subject))

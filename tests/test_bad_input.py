@@ -364,6 +364,13 @@ def add_token(src: Path, token_id: int) -> None:
     edit_json(src / TOKENIZER, lambda t: t["added_tokens"].append(entry))
 
 
+def without_unk(src: Path) -> None:
+    """Llama 2's tokenizer with no unknown token declared: only <s> and </s> are left, and neither may pad."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # transformers 4 writes both
+        if (src / name).exists():
+            edit_json(src / name, lambda c: c.pop("unk_token", None))
+
+
 # --- the catalogue -----------------------------------------------------------------------------
 
 Culprit = str | Callable[[Path], Path]
@@ -504,6 +511,8 @@ BAD_SOURCES = [
     source_case("value-head-file-holds-other-tensors", "a value head file holds only",
                 lambda s: with_value_head_file(s, "value_head.safetensors", {"score.weight": [1, 64]}),
                 "value_head.safetensors"),
+    source_case("pad-existing-none-qualifies", "--pad-token existing: no token qualifies as pad", without_unk,
+                TOKENIZER, options=["--pad-token", "existing"]),
 ]
 # fmt: on
 
@@ -905,6 +914,41 @@ def test_validate_reports_bad_checkpoint(ws, reward_model, scene, code, file, pr
     assert re.search(rf"\s(\S*/)?{re.escape(file)}\s", matching[0]), matching[0]
     assert re.fullmatch(rf"{re.escape(str(path))}: invalid \(\d+ errors, \d+ warnings\)", lines[-1]), lines[-1]
     assert state(path) == before
+
+
+def policy_without_tokenizer(ws):
+    """A policy directory with weights and config but no tokenizer.json."""
+    policy = ws.source(name="policy")
+    (policy / TOKENIZER).unlink()
+    return policy
+
+
+def policy_missing(ws):
+    return ws.tmp / "no-such-policy"
+
+
+def policy_of_another_family(ws):
+    """An OLMo 2 policy for a Llama reward model: the same words at other ids."""
+    return ws.copy(ws.build("olmo2"), "policy")
+
+
+# fmt: off
+BAD_POLICIES = [
+    pytest.param(policy_without_tokenizer, "missing: rmconvert reads the vocabulary", id="no-tokenizer"),
+    pytest.param(policy_missing, "missing: rmconvert reads the vocabulary", id="missing-directory"),
+    pytest.param(policy_of_another_family, "not the reward model's tokenizer family: 0 of its 300 tokens",
+                 id="another-family"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("scene, problem", BAD_POLICIES)
+def test_validate_refuses_bad_policy(ws, reward_model, scene, problem):
+    policy = scene(ws)
+    before = state(reward_model), state(policy)
+    result = rmconvert("validate", reward_model, "--policy", policy)
+    assert_one_error(result, policy / TOKENIZER, problem)
+    assert (state(reward_model), state(policy)) == before
 
 
 # --- interrupted conversions -------------------------------------------------------------------
