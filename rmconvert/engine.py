@@ -21,8 +21,9 @@ from .architecture import Architecture
 from .checkpoint import INDEX, SINGLE, Checkpoint, open_checkpoint, read_json, require_directory, text_config
 from .dtypes import FLOAT_DTYPES, TORCH_NAMES
 from .errors import CheckpointError, OutputError, PluginError, UsageError
-from .head import default_init_std, mean_row_part, score_parts
+from .head import default_init_std, mean_row_part, merged_mean_row_part, score_parts
 from .host import Registered, Registry, load_registry
+from .lora import file_hashes, is_adapter, plan_merge, read_adapter, resolve_base
 from .output import FILE_MODE, check_destination, staged, sync_file, write_file
 from .pad import PadChoice, choose_pad
 from .safetensors_io import ByteRange, Header, OutTensor, Repeat, layout, write_parts
@@ -248,10 +249,18 @@ def _plan_json(
     return json_files, generated
 
 
-def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) -> Plan:
-    """Decide the output of converting ``ckpt`` with ``options``; reads only headers and small files."""
+def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, adapter=None) -> Plan:
+    """Decide the output of converting ``ckpt`` with ``options``; reads only headers and small files.
+
+    ``adapter`` (a :class:`rmconvert.lora.Adapter`) is merged into ``ckpt`` first: the plan is that of the
+    merged checkpoint, its merged tensors computed by the writers.
+    """
     arch = registered.architecture
     embedding = arch.embedding_name(ckpt)
+    merge = None
+    if adapter is not None:
+        merge = plan_merge(adapter, ckpt, embedding)
+        ckpt = merge.checkpoint
     head = _head_tensor(ckpt)
     vocab, hidden = _check_shapes(ckpt, arch, embedding, head)
     existing = ckpt.tensors.get(head)
@@ -271,11 +280,12 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
         raise PluginError(f"architecture {arch.name!r} drops the input embedding {embedding}")
 
     emb = ckpt.tensors[embedding]
-    replaced = {}
+    replaced = dict(merge.parts) if merge else {}
     if new_vocab > vocab:  # the old rows as they are, then the mean row for each new one
-        rows = Repeat(mean_row_part(emb), new_vocab - vocab)
+        old = replaced.get(embedding) or OutTensor.copy_of(emb)
+        mean = mean_row_part(emb) if old.parts == OutTensor.copy_of(emb).parts else merged_mean_row_part(old)
         replaced[embedding] = OutTensor(
-            embedding, emb.dtype, (new_vocab, hidden), (*OutTensor.copy_of(emb).parts, rows)
+            embedding, emb.dtype, (new_vocab, hidden), (*old.parts, Repeat(mean, new_vocab - vocab))
         )
     std = options.init_std if options.init_std is not None else default_init_std(hidden)
     score_dtype = existing.dtype if existing else emb.dtype
@@ -313,6 +323,9 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
             f"{ckpt.model_type}'s recurrence runs over pad tokens: score right-padded batches only"
             " (tokenizer padding_side is right)"
         )
+    if merge is not None:
+        report["adapter"] = merge.report(file_hashes(adapter) if options.hash_sources else None)
+        report["source_kind"] += f" + {adapter.task_type or 'LoRA'} adapter"
     if existing is not None and pad.action == "kept":
         report["warnings"].append(
             f"kept pad {pad.token!r} (id {pad.id}) of the reward model: changing it would move where rewards are read"
@@ -381,6 +394,7 @@ def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
         "options": asdict(options),
         "source_files": hashes,
         "result": {k: plan.report[k] for k in ("class", "source_kind", "head", "pad", "vocab", "dtype", "dropped")},
+        **({"adapter": plan.report["adapter"]} if "adapter" in plan.report else {}),
     }
 
 
@@ -505,6 +519,7 @@ def convert(
     *,
     overwrite: bool = False,
     link: bool = False,
+    adapter: str | Path | None = None,
     registry: Registry | None = None,
     progress=None,
     **options,
@@ -513,17 +528,26 @@ def convert(
 
     ``options`` are the fields of :class:`Options`. ``link`` reflinks or hard-links shards that are
     unchanged instead of copying them (a hard-linked file shares its inode with the source).
+    ``adapter`` is a PEFT LoRA adapter directory merged into ``src`` first; ``src`` may itself be an adapter
+    whose ``base_model_name_or_path`` names the base.
     """
     options["max_shard_size"] = parse_size(options.get("max_shard_size"))
     opts = Options(**options)
     opts.check()
     src, dst = Path(src), Path(dst)
     require_directory(src)
+    if adapter is None and is_adapter(src) and not (src / "config.json").exists():
+        adapter = src
+    lora = read_adapter(adapter) if adapter is not None else None
+    if lora is not None:
+        src = resolve_base(lora) if lora.path == src else src
+        require_directory(src)
+        check_destination(lora.path, dst, overwrite)
     check_destination(src, dst, overwrite)
     registry = registry or load_registry()
     ckpt = open_checkpoint(src)
     registered = registry.resolve(ckpt.model_type, opts.arch, ckpt.config_path)
-    plan = plan_conversion(ckpt, registered, opts)
+    plan = plan_conversion(ckpt, registered, opts, lora)
     try:
         with staged(dst, overwrite) as out:
             plan.report["written"] = write_plan(plan, out, opts, link, progress)

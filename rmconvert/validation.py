@@ -33,12 +33,18 @@ def _read(path: Path, registry: Registry) -> Subject:
 
 
 def validate(
-    path: str | Path, *, load: bool = False, against: str | Path | None = None, registry: Registry | None = None
+    path: str | Path,
+    *,
+    load: bool = False,
+    against: str | Path | None = None,
+    adapter: str | Path | None = None,
+    registry: Registry | None = None,
 ) -> list[Finding]:
     """Every finding for the reward-model checkpoint at ``path``; no finding of severity error means sound.
 
     ``load`` also loads it with transformers and scores probe batches; ``against`` compares it with the
-    checkpoint it was converted from (bytes, and with ``load`` hidden states and rewards).
+    checkpoint it was converted from (bytes, and with ``load`` hidden states and rewards); ``adapter`` is the
+    LoRA adapter merged into ``against``, whose merged tensors are compared with a fresh merge.
     """
     path = Path(path)
     registry = registry or load_registry()
@@ -55,7 +61,9 @@ def validate(
         from . import probes  # imports torch and transformers: only when asked to load or compare
 
         if against is not None:
-            findings += probes.against_source(subject, Path(against), registry, load)
+            findings += probes.against_source(
+                subject, Path(against), registry, load, Path(adapter) if adapter is not None else None
+            )
         if load:
             findings += probes.loaded(subject)
     return findings
