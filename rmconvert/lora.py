@@ -35,7 +35,6 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", None)
 CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "decision_transformer", "imagegpt")
 #: adapter_config.json settings whose merge rmconvert does not reproduce: refused, never approximated.
 UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora)",
     "target_parameters": "LoRA on parameters (target_parameters)",
     "layer_replication": "layer_replication",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)",
@@ -49,7 +48,9 @@ UNSUPPORTED = {
     "use_qalora": "QA-LoRA (use_qalora)",
     "megatron_config": "Megatron layers (megatron_config)",
 }
-LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_[AB])")
+LORA_KEY = re.compile(
+    r"(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_[AB]|lora_magnitude_vector)"
+)
 
 
 @dataclass
@@ -173,12 +174,14 @@ def scaling(config: dict, module: str) -> tuple[int, float]:
 
 @dataclass(frozen=True)
 class Delta:
-    """One LoRA update: ``weight += transpose(B @ A, transposed) * scale`` (and ``bias += B.bias * scale``)."""
+    """One LoRA update: ``weight += transpose(B @ A, transposed) * scale`` (and ``bias += B.bias * scale``);
+    with DoRA's ``magnitude``, the weight is rescaled row by row as well."""
 
     a: TensorInfo
     b: TensorInfo
     scale: float
     transposed: bool
+    magnitude: TensorInfo | None = None
 
 
 @dataclass
@@ -262,12 +265,21 @@ def _deltas(adapter: Adapter, ckpt: Checkpoint) -> dict[str, tuple[str, Delta]]:
             )
         if weight.dtype not in FLOAT_DTYPES:
             raise _fits(adapter, f"BASE's {name} has dtype {weight.dtype}", key)
-        out[name] = (module, Delta(a, b, scale, transposed))
+        magnitude = found.get("lora_magnitude_vector")
+        if bool(config.get("use_dora")) != (magnitude is not None):
+            raise _fits(adapter, "use_dora in adapter_config.json and the DoRA magnitude vector disagree", key)
+        if magnitude is not None:
+            if embedding:
+                raise _fits(adapter, "DoRA on an embedding is not merged by rmconvert: merge it with PEFT", key)
+            rows = weight.shape[1] if transposed else weight.shape[0]
+            if magnitude.shape != (rows,) or magnitude.dtype not in FLOAT_DTYPES:
+                raise _fits(adapter, f"the DoRA magnitude is {list(magnitude.shape)}, not [{rows}]", key)
+        out[name] = (module, Delta(a, b, scale, transposed, magnitude))
         if "lora_B.bias" in found:
             bias = _base_name(ckpt, module + ".bias")
             if bias is None:
                 raise _fits(adapter, "has a LoRA bias (lora_bias) but BASE's layer has no bias", key)
-            out[bias] = (module, Delta(a, found["lora_B.bias"], scale, False))
+            out[bias] = (module, Delta(a, found["lora_B.bias"], scale, False))  # DoRA leaves the bias as LoRA does
     return out
 
 
@@ -324,7 +336,7 @@ def plan_merge(adapter: Adapter, ckpt: Checkpoint, embedding: str) -> Merge:
             continue
         # a targeted layer saved whole, or the modules_to_save copy under its wrapper's name
         module_key = key[len(PREFIX) :].replace(".base_layer.", ".").replace(".modules_to_save.", ".")
-        if module_key.endswith(".lora_magnitude_vector") or ".lora_" in module_key:
+        if ".lora_" in module_key:
             raise _fits(adapter, "is a LoRA tensor rmconvert does not merge", key)
         if module_key == HEAD:
             if len(info.shape) != 2 or info.dtype not in FLOAT_DTYPES:
@@ -408,8 +420,17 @@ def merged(base: TensorInfo, delta: Delta):
         return weight
     a = _read(delta.a).to(compute)
     product = b @ a
-    weight += (product.T if delta.transposed else product) * delta.scale
-    return weight
+    update = (product.T if delta.transposed else product) * delta.scale
+    if delta.magnitude is None:
+        weight += update
+        return weight
+    # DoRA (DoraLinearVariant.merge_unsafe, DoraLinearLayer.get_weight_norm): the row norms of the updated
+    # weight, as PEFT computes them (transposed for Conv1D), then the magnitude over them times the sum
+    flip = (lambda t: t.T) if delta.transposed else (lambda t: t)
+    norm_input = flip(weight) + 1 * flip(update)
+    norm = torch.linalg.norm(norm_input, dim=1).to(norm_input.dtype)
+    factor = flip((_read(delta.magnitude).to(compute) / norm).view(-1, 1))
+    return (factor * (weight + update)).to(weight.dtype)
 
 
 def merged_bytes(base: TensorInfo, delta: Delta) -> bytes:

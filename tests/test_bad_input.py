@@ -833,8 +833,11 @@ BAD_ADAPTERS = [
     ],
     adapter_case("task-type-token-cls", "task_type 'TOKEN_CLS': only CAUSAL_LM and SEQ_CLS adapters are merged",
                  lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(task_type="TOKEN_CLS")), ADAPTER_CONFIG),
-    adapter_case("dora", "DoRA (use_dora) is not merged by rmconvert",
-                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(use_dora=True)), ADAPTER_CONFIG),
+    adapter_case("dora-without-magnitude", "use_dora in adapter_config.json and the DoRA magnitude vector disagree",
+                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(use_dora=True))),
+    adapter_case("target-parameters", "LoRA on parameters (target_parameters) is not merged by rmconvert",
+                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(target_parameters=["experts"]))
+                 , ADAPTER_CONFIG),
     adapter_case("seq-cls-without-head", "the trained head is not in the adapter and cannot be recovered",
                  lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(task_type="SEQ_CLS"))),
     adapter_case("config-not-json", "invalid JSON", lambda a: (a / ADAPTER_CONFIG).write_text("{"), ADAPTER_CONFIG),

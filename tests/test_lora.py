@@ -107,6 +107,10 @@ CASES = {
     "gpt2-fan-in-fan-out-biases": ("gpt2", "CAUSAL_LM", 1, "float32", {
         "r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True, "bias": "all",
         "lora_bias": True}),
+    "causal-dora-bf16": ("llama3-bf16", "CAUSAL_LM", 1, "bfloat16", {
+        "r": 4, "lora_alpha": 8, "use_dora": True, "target_modules": ["q_proj", "o_proj", "up_proj"]}),
+    "gpt2-dora-fan-in-fan-out": ("gpt2", "CAUSAL_LM", 1, "float32", {
+        "r": 4, "lora_alpha": 8, "use_dora": True, "target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True}),
 }  # fmt: skip
 
 
