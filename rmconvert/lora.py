@@ -14,6 +14,8 @@ import hashlib
 import math
 import os
 import re
+import threading
+import types
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -404,14 +406,18 @@ def _read(info: TensorInfo):
 
 
 def merged(base: TensorInfo, delta: Delta):
-    """The merged tensor, by PEFT's operations in PEFT's order (``LoraLayer.get_delta_weight`` and ``merge``).
+    """The merged tensor, by PEFT's operations (``LoraLayer.get_delta_weight`` and ``merge``).
 
     PEFT loads A and B as float32 (``autocast_adapter_dtype``: a bf16/fp16 adapter is upcast, an fp32 one kept
     even on a bf16 base), or float64 on a float64 base; ``transpose(B @ A, fan_in_fan_out) * scaling`` is float32;
-    ``weight.data += delta`` adds in float32 and rounds once to the weight's dtype.
+    ``weight.data += delta`` adds in float32 and rounds once to the weight's dtype. The product is computed
+    whole, as PEFT computes it (into a reused buffer); the elementwise steps run in place,
+    the add a chunk of rows at a time: the same float32 sum and the same round to nearest even as torch's
+    mixed-dtype ``+=``, without its slow path and without a float32 copy of the whole weight.
     """
     import torch
 
+    _return_big_blocks()
     weight = _read(base)
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     b = _read(delta.b).to(compute)
@@ -419,25 +425,79 @@ def merged(base: TensorInfo, delta: Delta):
         weight += b * delta.scale
         return weight
     a = _read(delta.a).to(compute)
-    product = b @ a
-    update = (product.T if delta.transposed else product) * delta.scale
-    if delta.magnitude is None:
-        weight += update
+    if delta.magnitude is not None:
+        product = b @ a
+        return _dora(weight, (product.T if delta.transposed else product) * delta.scale, delta)
+    product = torch.matmul(b, a, out=_scratch("product", (b.shape[0], a.shape[1]), compute))
+    update = product.T if delta.transposed else product
+    update.mul_(delta.scale)
+    if weight.dtype == compute:
+        weight.add_(update)
         return weight
-    # DoRA (DoraLinearVariant.merge_unsafe, DoraLinearLayer.get_weight_norm): the row norms of the updated
-    # weight, as PEFT computes them (transposed for Conv1D), then the magnitude over them times the sum
+    step = max(1, ADD_CHUNK // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, start + step)
+        total = _scratch("sum", tuple(weight[rows].shape), compute)
+        torch.add(weight[rows], update[rows], out=total)
+        weight[rows].copy_(total)
+    return weight
+
+
+def _return_big_blocks() -> None:
+    """Have glibc hand every block of 1 MiB or more back to the system when it is freed (a fixed mmap threshold;
+    its default rises to 32 MiB and keeps freed tensors in the heap), so that memory stays flat however many
+    tensors the two writer threads merge."""
+    global _MALLOC_SET
+    if not _MALLOC_SET:
+        _MALLOC_SET = True
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):  # not glibc: still bounded, only returned later
+            pass
+
+
+_MALLOC_SET = False
+_SCRATCH = types.SimpleNamespace()
+#: One merge at a time: torch already spreads each over the cores, and the other writer keeps copying.
+_ONE_AT_A_TIME = threading.Lock()
+ADD_CHUNK = 1 << 20  # elements added in float32 at a time
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype):
+    """A ``shape`` tensor from the buffer ``name``, which grows to the largest asked for and is reused (merges
+    run one at a time): a merge's temporaries cost the same memory for every tensor, however many are merged."""
+    import torch
+
+    numel = math.prod(shape)
+    buffer = getattr(_SCRATCH, name, None)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+        setattr(_SCRATCH, name, None)
+        buffer = torch.empty(numel, dtype=dtype)
+        setattr(_SCRATCH, name, buffer)
+    return buffer[:numel].view(shape)
+
+
+def _dora(weight, update, delta: Delta):
+    """DoRA (``DoraLinearVariant.merge_unsafe``, ``DoraLinearLayer.get_weight_norm``): the row norms of the
+    updated weight as PEFT computes them (transposed for Conv1D), the magnitude over them times the sum."""
+    import torch
+
     flip = (lambda t: t.T) if delta.transposed else (lambda t: t)
     norm_input = flip(weight) + 1 * flip(update)
     norm = torch.linalg.norm(norm_input, dim=1).to(norm_input.dtype)
-    factor = flip((_read(delta.magnitude).to(compute) / norm).view(-1, 1))
+    factor = flip((_read(delta.magnitude).to(update.dtype) / norm).view(-1, 1))
     return (factor * (weight + update)).to(weight.dtype)
 
 
-def merged_bytes(base: TensorInfo, delta: Delta) -> bytes:
-    """The merged tensor's bytes, as they go into the output file."""
+def merged_bytes(base: TensorInfo, delta: Delta) -> memoryview:
+    """The merged tensor's bytes, as they go into the output file (a view of the tensor: no copy)."""
     import torch
 
-    return merged(base, delta).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    with _ONE_AT_A_TIME:
+        result = merged(base, delta)
+    return memoryview(result.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def tensor_bytes(tensor: OutTensor) -> bytes:

@@ -234,3 +234,17 @@ def test_seq_cls_adapter_onto_a_reward_model_keeps_its_head(bases, tmp_path):
     report = convert(rm, tmp_path / "out", adapter)
     assert report["head"]["how"] == "unchanged 1-label head"
     assert differing(tensors(tmp_path / "out")["score.weight"], tensors(rm)["score.weight"]) == 0
+
+
+def test_chunked_add_is_bit_identical(bases, tmp_path, monkeypatch):
+    """The float32 add runs a chunk of rows at a time (1 Mi elements): with tiny chunks, ragged last one
+    included, a bf16 merge still has PEFT's bits."""
+    import rmconvert.lora
+
+    monkeypatch.setattr(rmconvert.lora, "ADD_CHUNK", 100)
+    base = bases["llama3-bf16"]
+    adapter = build_adapter(base, tmp_path / "adapter", dtype="bfloat16", r=8, lora_alpha=8,
+                            target_modules=["gate_proj", "down_proj", "k_proj"], seed=5)  # fmt: skip
+    convert(base, tmp_path / "rm", adapter)
+    reference = peft_merged(base, adapter, "CAUSAL_LM", 1, "bfloat16")
+    assert len(assert_merged_like_peft(tmp_path / "rm", base, reference, adapter)) >= 6
