@@ -326,6 +326,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     if merge is not None:
         report["adapter"] = merge.report(file_hashes(adapter) if options.hash_sources else None)
         report["source_kind"] += f" + {adapter.task_type or 'LoRA'} adapter"
+        report["warnings"] += merge.warnings(ckpt.path)
     if existing is not None and pad.action == "kept":
         report["warnings"].append(
             f"kept pad {pad.token!r} (id {pad.id}) of the reward model: changing it would move where rewards are read"

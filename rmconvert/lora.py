@@ -30,6 +30,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 PREFIX = "base_model.model."
 HEAD = "score.weight"
+TOKENIZER = "tokenizer.json"
 #: Task types merged: a policy/SFT adapter (new head) or a reward-model adapter (its saved head).
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", None)
 #: Families whose transformer blocks are GPT-2 ``Conv1D`` layers (weights stored [in, out]); PEFT then
@@ -139,13 +140,23 @@ def read_adapter(path: str | Path) -> Adapter:
     if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
         raise CheckpointError(f"init_lora_weights {init!r} changes the base weights: merge it with PEFT", where)
     for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or isinstance(config.get(key), bool) or config[key] <= 0:
+        if not _positive(config.get(key)):
             raise CheckpointError(f"{key} must be a positive number, not {config.get(key)!r}", where)
     for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise CheckpointError(f"{key} must map module names to numbers", where)
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict) or not all(_positive(v) for v in patterns.values()):
+            raise CheckpointError(f"{key} must map module names to positive numbers", where)
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise CheckpointError(f"{key} key {pattern!r} is not a regex: {exc}", where) from None
     weights, tensors = read_adapter_weights(path)
     return Adapter(path, config, weights, tensors)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def pattern_key(patterns, name: str) -> str:
@@ -167,10 +178,9 @@ def targeted(target_modules, name: str) -> bool:
 
 def scaling(config: dict, module: str) -> tuple[int, float]:
     """(r, scaling) of ``module``: ``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA, after the patterns."""
-    r = config.get("rank_pattern", {}).get(pattern_key(config.get("rank_pattern") or {}, module), config["r"])
-    alpha = config.get("alpha_pattern", {}).get(
-        pattern_key(config.get("alpha_pattern") or {}, module), config["lora_alpha"]
-    )
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    r = ranks.get(pattern_key(ranks, module), config["r"])
+    alpha = alphas.get(pattern_key(alphas, module), config["lora_alpha"])
     return r, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
@@ -196,6 +206,14 @@ class Merge:
     merged: list[str] = field(default_factory=list)
     replaced: list[str] = field(default_factory=list)
     head: str | None = None  # "adapter" when the score head comes from the adapter
+
+    def warnings(self, base: Path) -> list[str]:
+        """A tokenizer saved with the adapter that differs from BASE's: the output keeps BASE's."""
+        ours, theirs = self.adapter.path / TOKENIZER, base / TOKENIZER
+        if ours.is_file() and theirs.is_file() and ours.read_bytes() != theirs.read_bytes():
+            problem = "the reward model has BASE's: if the adapter was trained with added tokens (a pad), convert"
+            return [f"{ours} differs from BASE's {TOKENIZER}; {problem} a copy of BASE holding the adapter's tokenizer"]
+        return []
 
     def report(self, hashes: dict[str, str] | None) -> dict:
         entry = {

@@ -217,6 +217,13 @@ def test_convert_the_adapter_directory_itself(bases, tmp_path):
     convert(adapter, tmp_path / "c", None)
     assert report["source"] == str(base)
     assert snapshot(tmp_path / "a") == snapshot(tmp_path / "c")
+    assert not [w for w in report["warnings"] if "tokenizer" in w]
+    # a tokenizer saved with the adapter (new tokens) is not BASE's: said, not silently mixed
+    tokenizer = json.loads((base / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append({**tokenizer["added_tokens"][-1], "id": 296, "content": "[PAD]"})
+    (adapter / "tokenizer.json").write_text(json.dumps(tokenizer))
+    warnings = convert(adapter, tmp_path / "d", None)["warnings"]
+    assert any("tokenizer.json differs from BASE's tokenizer.json" in w for w in warnings), warnings
     ours = tensors(tmp_path / "b")["score.weight"]
     assert ours.shape[0] == 2 and not ours[0].any()
 
