@@ -403,12 +403,12 @@ def plan_merge(adapter: Adapter, ckpt: Checkpoint, embedding: str) -> Merge:
 TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def _read(info: TensorInfo):
-    """A tensor's bytes from disk as a torch tensor of its dtype and shape (its own writable memory)."""
+def _read(info: TensorInfo, buffer: bytearray | None = None):
+    """A tensor's bytes from disk as a torch tensor of its dtype and shape, in ``buffer`` (or its own memory)."""
     import torch
 
-    buffer = bytearray(info.nbytes)
-    view, done = memoryview(buffer), 0
+    buffer = bytearray(info.nbytes) if buffer is None else buffer
+    view, done = memoryview(buffer)[: info.nbytes], 0
     with open(info.path, "rb") as f:
         while done < info.nbytes:
             n = os.preadv(f.fileno(), [view[done:]], info.offset + done)
@@ -416,11 +416,9 @@ def _read(info: TensorInfo):
                 raise CheckpointError("file shrank while being read", info.path)
             done += n
     dtype = getattr(torch, TORCH_DTYPES[info.dtype])
-    return (
-        torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
-        if info.nbytes
-        else torch.empty(info.shape, dtype=dtype)
-    )
+    if not info.nbytes:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype, count=math.prod(info.shape)).reshape(info.shape)
 
 
 def merged(base: TensorInfo, delta: Delta):
@@ -429,14 +427,15 @@ def merged(base: TensorInfo, delta: Delta):
     PEFT loads A and B as float32 (``autocast_adapter_dtype``: a bf16/fp16 adapter is upcast, an fp32 one kept
     even on a bf16 base), or float64 on a float64 base; ``transpose(B @ A, fan_in_fan_out) * scaling`` is float32;
     ``weight.data += delta`` adds in float32 and rounds once to the weight's dtype. The product is computed
-    whole, as PEFT computes it (into a reused buffer); the elementwise steps run in place,
-    the add a chunk of rows at a time: the same float32 sum and the same round to nearest even as torch's
-    mixed-dtype ``+=``, without its slow path and without a float32 copy of the whole weight.
+    whole, as PEFT computes it (into a reused buffer); the elementwise steps (scale, add, round) run a chunk of
+    rows at a time: the same float32 product, the same float32 sum (addition commutes exactly) and the same
+    round to nearest even as torch's mixed-dtype ``+=``, without its slow path and without float32 copies of
+    the whole weight.
     """
     import torch
 
     _return_big_blocks()
-    weight = _read(base)
+    weight = _read(base, _weight_buffer(base.nbytes))
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     b = _read(delta.b).to(compute)
     if len(base.shape) == 1:  # lora_bias: bias += lora_B.bias * scaling
@@ -448,16 +447,18 @@ def merged(base: TensorInfo, delta: Delta):
         return _dora(weight, (product.T if delta.transposed else product) * delta.scale, delta)
     product = torch.matmul(b, a, out=_scratch("product", (b.shape[0], a.shape[1]), compute))
     update = product.T if delta.transposed else product
-    update.mul_(delta.scale)
-    if weight.dtype == compute:
-        weight.add_(update)
-        return weight
     step = max(1, ADD_CHUNK // max(1, weight.shape[1]))
-    for start in range(0, weight.shape[0], step):
-        rows = slice(start, start + step)
-        total = _scratch("sum", tuple(weight[rows].shape), compute)
-        torch.add(weight[rows], update[rows], out=total)
-        weight[rows].copy_(total)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # chunks this small run slower split over threads; elementwise results are the same
+    try:
+        for start in range(0, weight.shape[0], step):  # update * scaling, + weight, rounded: cache-sized chunks
+            rows = slice(start, start + step)
+            total = _scratch("sum", tuple(weight[rows].shape), compute)
+            torch.mul(update[rows], delta.scale, out=total)
+            total.add_(weight[rows])
+            weight[rows].copy_(total)
+    finally:
+        torch.set_num_threads(threads)
     return weight
 
 
@@ -478,9 +479,20 @@ def _return_big_blocks() -> None:
 
 _MALLOC_SET = False
 _SCRATCH = types.SimpleNamespace()
+_WEIGHTS = threading.local()
 #: One merge at a time: torch already spreads each over the cores, and the other writer keeps copying.
 _ONE_AT_A_TIME = threading.Lock()
-ADD_CHUNK = 1 << 20  # elements added in float32 at a time
+ADD_CHUNK = 1 << 18  # elements scaled and added in float32 at a time (1 MiB: in cache)
+
+
+def _weight_buffer(nbytes: int) -> bytearray:
+    """This thread's buffer for the weight being merged, grown to the largest: the merged bytes a writer
+    thread gets stay valid until that thread merges the next tensor, by which time it has written them."""
+    buffer = getattr(_WEIGHTS, "buffer", None)
+    if buffer is None or len(buffer) < nbytes:
+        _WEIGHTS.buffer = None
+        buffer = _WEIGHTS.buffer = bytearray(nbytes)
+    return buffer
 
 
 def _scratch(name: str, shape: tuple[int, ...], dtype):
@@ -510,7 +522,8 @@ def _dora(weight, update, delta: Delta):
 
 
 def merged_bytes(base: TensorInfo, delta: Delta) -> memoryview:
-    """The merged tensor's bytes, as they go into the output file (a view of the tensor: no copy)."""
+    """The merged tensor's bytes, as they go into the output file: a view of this thread's weight buffer (no
+    copy), valid until the thread's next merge."""
     import torch
 
     with _ONE_AT_A_TIME:
