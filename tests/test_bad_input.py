@@ -753,8 +753,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 @pytest.fixture(scope="module")
 def lora_adapter(build, tmp_path_factory) -> Path:
-    """A PEFT LoRA adapter of the tiny Llama 2 (read-only; copy it to damage it); needs peft."""
-    pytest.importorskip("peft")
+    """A PEFT LoRA adapter of the tiny Llama 2 (read-only; copy it to damage it); made by peft (test extra)."""
     from rmconvert.testing import build_adapter
 
     path = tmp_path_factory.mktemp("adapter") / "adapter"

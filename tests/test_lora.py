@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from click.testing import CliRunner
@@ -18,8 +19,6 @@ from safetensors import safe_open
 import rmconvert
 from rmconvert.cli import cli
 from rmconvert.testing import build_adapter, build_checkpoint, load_base, snapshot
-
-peft = pytest.importorskip("peft")
 
 EMBEDDING = "model.embed_tokens.weight"
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
