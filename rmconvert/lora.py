@@ -15,7 +15,6 @@ import math
 import os
 import re
 import threading
-import types
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -427,10 +426,9 @@ def merged(base: TensorInfo, delta: Delta):
     PEFT loads A and B as float32 (``autocast_adapter_dtype``: a bf16/fp16 adapter is upcast, an fp32 one kept
     even on a bf16 base), or float64 on a float64 base; ``transpose(B @ A, fan_in_fan_out) * scaling`` is float32;
     ``weight.data += delta`` adds in float32 and rounds once to the weight's dtype. The product is computed
-    whole, as PEFT computes it (into a reused buffer); the elementwise steps (scale, add, round) run a chunk of
-    rows at a time: the same float32 product, the same float32 sum (addition commutes exactly) and the same
-    round to nearest even as torch's mixed-dtype ``+=``, without its slow path and without float32 copies of
-    the whole weight.
+    whole, with torch, as PEFT computes it (into a reused buffer); the elementwise steps follow in
+    :func:`_scaled_add`: the same float32 products, the same float32 sums (addition commutes exactly) and the
+    same rounding as torch's mixed-dtype ``+=``, without float32 copies of the whole weight.
     """
     import torch
 
@@ -446,20 +444,42 @@ def merged(base: TensorInfo, delta: Delta):
         product = b @ a
         return _dora(weight, (product.T if delta.transposed else product) * delta.scale, delta)
     product = torch.matmul(b, a, out=_scratch("product", (b.shape[0], a.shape[1]), compute))
-    update = product.T if delta.transposed else product
-    step = max(1, ADD_CHUNK // max(1, weight.shape[1]))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # chunks this small run slower split over threads; elementwise results are the same
-    try:
-        for start in range(0, weight.shape[0], step):  # update * scaling, + weight, rounded: cache-sized chunks
-            rows = slice(start, start + step)
-            total = _scratch("sum", tuple(weight[rows].shape), compute)
-            torch.mul(update[rows], delta.scale, out=total)
-            total.add_(weight[rows])
-            weight[rows].copy_(total)
-    finally:
-        torch.set_num_threads(threads)
+    _scaled_add(weight, product.T if delta.transposed else product, delta.scale)
     return weight
+
+
+def _scaled_add(weight, update, scale: float) -> None:
+    """``weight += update * scale`` as PEFT's ``weight.data += delta`` computes it, in numpy, a chunk of rows
+    at a time: ``update * scale`` in the update's float type (the scale rounded to it, as torch does), plus the
+    weight exactly widened, rounded once to the weight's dtype (to nearest even; NaN as torch writes it). numpy
+    runs this on one core without the GIL, so the two writer threads merge side by side."""
+    import numpy as np
+    import torch
+
+    if weight.dtype == torch.bfloat16:
+        target = weight.view(torch.int16).numpy().view(np.uint16)
+    else:
+        target = weight.numpy()
+    update = update.numpy()
+    scale = update.dtype.type(scale)
+    step = max(1, ADD_CHUNK // max(1, target.shape[1]))
+    buffer = _scratch(
+        "sum",
+        (min(step, target.shape[0]), target.shape[1]),
+        torch.float32 if update.dtype == np.float32 else torch.float64,
+    ).numpy()
+    for start in range(0, target.shape[0], step):
+        rows = slice(start, start + step)
+        total = buffer[: target[rows].shape[0]]
+        np.multiply(update[rows], scale, out=total)
+        if target.dtype == np.uint16:  # bfloat16: the upper half of a float32
+            total += (target[rows].astype(np.uint32) << 16).view(np.float32)
+            bits = total.view(np.uint32)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            np.copyto(target[rows], np.where(np.isnan(total), 0x7FC0, rounded), casting="unsafe")
+        else:
+            total += target[rows]
+            np.copyto(target[rows], total, casting="unsafe")
 
 
 def _return_big_blocks() -> None:
@@ -478,11 +498,9 @@ def _return_big_blocks() -> None:
 
 
 _MALLOC_SET = False
-_SCRATCH = types.SimpleNamespace()
+_SCRATCH = threading.local()
 _WEIGHTS = threading.local()
-#: One merge at a time: torch already spreads each over the cores, and the other writer keeps copying.
-_ONE_AT_A_TIME = threading.Lock()
-ADD_CHUNK = 1 << 18  # elements scaled and added in float32 at a time (1 MiB: in cache)
+ADD_CHUNK = 1 << 16  # elements scaled and added at a time: in cache, temporaries below the mmap threshold
 
 
 def _weight_buffer(nbytes: int) -> bytearray:
@@ -496,8 +514,8 @@ def _weight_buffer(nbytes: int) -> bytearray:
 
 
 def _scratch(name: str, shape: tuple[int, ...], dtype):
-    """A ``shape`` tensor from the buffer ``name``, which grows to the largest asked for and is reused (merges
-    run one at a time): a merge's temporaries cost the same memory for every tensor, however many are merged."""
+    """A ``shape`` tensor from this thread's buffer ``name``, which grows to the largest asked for and is
+    reused: a merge's temporaries cost the same memory for every tensor, however many are merged."""
     import torch
 
     numel = math.prod(shape)
@@ -526,9 +544,7 @@ def merged_bytes(base: TensorInfo, delta: Delta) -> memoryview:
     copy), valid until the thread's next merge."""
     import torch
 
-    with _ONE_AT_A_TIME:
-        result = merged(base, delta)
-    return memoryview(result.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return memoryview(merged(base, delta).contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def tensor_bytes(tensor: OutTensor) -> bytes:

@@ -91,7 +91,7 @@ CASES = {
     "causal-bf16-base-fp32-adapter": ("llama3-bf16", "CAUSAL_LM", 1, "bfloat16", {"r": 8, "lora_alpha": 16,
                                       "target_modules": LLAMA_LINEAR}),
     "causal-bf16-base-bf16-adapter-rslora": ("llama3-bf16", "CAUSAL_LM", 1, "bfloat16", {
-        "r": 4, "lora_alpha": 8, "use_rslora": True, "adapter_dtype": "bfloat16", "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+        "r": 8, "lora_alpha": 12, "use_rslora": True, "adapter_dtype": "bfloat16", "target_modules": ["q_proj", "v_proj", "down_proj"]}),
     "causal-patterns-regex": ("llama2", "CAUSAL_LM", 1, "float32", {
         "r": 4, "lora_alpha": 8, "target_modules": r".*\.(q_proj|up_proj|down_proj)",
         "rank_pattern": {"model.layers.1.self_attn.q_proj": 2, "down_proj": 6},
