@@ -50,6 +50,9 @@ UNSUPPORTED = {
     "use_qalora": "QA-LoRA (use_qalora)",
     "megatron_config": "Megatron layers (megatron_config)",
 }
+#: A modules_to_save copy under its wrapper's name, with the adapter's name when saved from memory
+#: (``score.modules_to_save.default.weight``): the tensor it replaces is ``score.weight``.
+MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.(?:[^.]+\.(?=[^.]+$))?")
 LORA_KEY = re.compile(
     r"(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_[AB]|lora_magnitude_vector)"
 )
@@ -354,7 +357,7 @@ def plan_merge(adapter: Adapter, ckpt: Checkpoint, embedding: str) -> Merge:
         if ".original_module." in key:  # the base's layer beside a modules_to_save copy, which replaces it
             continue
         # a targeted layer saved whole, or the modules_to_save copy under its wrapper's name
-        module_key = key[len(PREFIX) :].replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+        module_key = MODULES_TO_SAVE.sub(".", key[len(PREFIX) :].replace(".base_layer.", "."))
         if ".lora_" in module_key:
             raise _fits(adapter, "is a LoRA tensor rmconvert does not merge", key)
         if module_key == HEAD:

@@ -254,3 +254,20 @@ def test_chunked_add_is_bit_identical(bases, tmp_path, monkeypatch):
     convert(base, tmp_path / "rm", adapter)
     reference = peft_merged(base, adapter, "CAUSAL_LM", 1, "bfloat16")
     assert len(assert_merged_like_peft(tmp_path / "rm", base, reference, adapter)) >= 6
+
+
+def test_head_saved_under_its_in_memory_name(bases, tmp_path):
+    """A head saved as ``score.modules_to_save.default.weight`` (a state dict taken from memory) is the same head."""
+    from safetensors.torch import load_file, save_file
+
+    base = bases["llama3"]
+    adapter = build_adapter(base, tmp_path / "adapter", task_type="SEQ_CLS", target_modules=["q_proj"], r=2,
+                            lora_alpha=2)  # fmt: skip
+    held = load_file(adapter / "adapter_model.safetensors")
+    head = held.pop("base_model.model.score.weight")
+    save_file(
+        {**held, "base_model.model.score.modules_to_save.default.weight": head}, adapter / "adapter_model.safetensors"
+    )
+    report = convert(base, tmp_path / "rm", adapter)
+    assert report["adapter"]["head"] == "adapter"
+    assert differing(tensors(tmp_path / "rm")["score.weight"], head) == 0
