@@ -245,9 +245,9 @@ def test_seq_cls_adapter_onto_a_reward_model_keeps_its_head(bases, tmp_path):
 def test_chunked_add_is_bit_identical(bases, tmp_path, monkeypatch):
     """The float32 add runs a chunk of rows at a time (1 Mi elements): with tiny chunks, ragged last one
     included, a bf16 merge still has PEFT's bits."""
-    import rmconvert.lora
+    import rmconvert.lora_merge
 
-    monkeypatch.setattr(rmconvert.lora, "ADD_CHUNK", 200)  # 3 rows of 64, 2 of 96
+    monkeypatch.setattr(rmconvert.lora_merge, "ADD_CHUNK", 200)  # 3 rows of 64, 2 of 96
     base = bases["llama3-bf16"]
     adapter = build_adapter(base, tmp_path / "adapter", dtype="bfloat16", r=8, lora_alpha=8,
                             target_modules=["gate_proj", "down_proj", "k_proj"], seed=5)  # fmt: skip
