@@ -3,6 +3,9 @@
 Builds random checkpoints once (cached under bench/cache), then runs the three approaches alternately,
 each as its own process followed by ``sync``, and prints wall time and peak RSS (median of the runs)
 with ratios measured in the same run. Usage: ``python bench/benchmark.py [--runs 3] [--models ...]``.
+
+``--lora`` instead merges a LoRA adapter (r=16 on every linear layer of llama-1b, made by PEFT, needs peft):
+``rmconvert convert BASE DST --adapter ADAPTER`` against PEFT's ``merge_and_unload()`` + ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,74 @@ model.config.pad_token_id = tok.pad_token_id
 model.save_pretrained(dst)
 tok.save_pretrained(dst)
 """
+
+#: The LoRA row: an adapter of r=16 on every linear layer of the llama-1b checkpoint.
+LORA = {
+    "base": "llama-1b",
+    "r": 16,
+    "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+PEFT = r"""
+import sys
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, dst = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(dst)
+"""
+
+
+def build_lora(cache: Path) -> Path:
+    """The LoRA adapter of the LoRA row (PEFT, init_lora_weights=False: A and B random, seeded)."""
+    path = cache / f"{LORA['base']}-lora-r{LORA['r']}"
+    if (path / "adapter_config.json").exists():
+        return path
+    from rmconvert.testing import build_adapter
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_adapter(
+        cache / LORA["base"], tmp, dtype="bfloat16", r=LORA["r"], lora_alpha=32, target_modules=LORA["targets"]
+    )
+    tmp.rename(path)
+    return path
+
+
+def run_lora(args, rmconvert: str, caches: list[str]) -> None:
+    """The LoRA row: rmconvert's streaming merge against PEFT's merge_and_unload + save_pretrained."""
+    subprocess.run([sys.executable, __file__, "--build", LORA["base"], "--cache", str(args.cache)], check=True)
+    subprocess.run([sys.executable, __file__, "--build", "lora", "--cache", str(args.cache)], check=True)
+    src, adapter, out = args.cache / LORA["base"], build_lora(args.cache), args.cache / "out"
+    approaches = {
+        "rmconvert convert --adapter": [rmconvert, "convert", str(src), str(out), "--adapter", str(adapter)],
+        "rmconvert convert --adapter --no-source-hashes": [
+            rmconvert, "convert", "--no-source-hashes", str(src), str(out), "--adapter", str(adapter)
+        ],
+        "PEFT merge_and_unload + save_pretrained": [sys.executable, "-c", PEFT, str(src), str(adapter), str(out)],
+    }  # fmt: skip
+    print(f"LoRA r={LORA['r']} on every linear layer of {LORA['base']}; median of {args.runs} alternating runs\n")
+    print("| model | adapter | cache | approach | wall (s) | peak RSS (MiB) | PEFT / this: time, memory |")
+    print("|---|---|---|---|---|---|---|")
+    for cache in caches:
+        results: dict[str, list[tuple[float, float]]] = {a: [] for a in approaches}
+        for _ in range(args.runs):
+            for approach, command in approaches.items():
+                shutil.rmtree(out, ignore_errors=True)
+                results[approach].append(measure(command, cache == "cold"))
+        shutil.rmtree(out, ignore_errors=True)
+        median = {
+            a: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for a, r in results.items()
+        }
+        peft = median["PEFT merge_and_unload + save_pretrained"]
+        for approach, (wall, rss) in median.items():
+            versus = f"{peft[0] / wall:.1f}x, {peft[1] / rss:.1f}x" if approach.startswith("rmconvert") else ""
+            print(
+                f"| {LORA['base']} | {size_of(adapter) / 2**20:.0f} MiB | {cache} | {approach} | {wall:.2f} |"
+                f" {rss:.0f} | {versus} |",
+                flush=True,
+            )
 
 
 def build(name: str, spec: dict, cache: Path) -> Path:
@@ -152,12 +223,16 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
     parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--build", metavar="MODEL", help="only build (or find) MODEL's checkpoint")
+    parser.add_argument("--build", metavar="MODEL", help="only build (or find) MODEL's checkpoint (or lora)")
+    parser.add_argument("--lora", action="store_true", help="the LoRA row instead: merge an adapter, rmconvert vs PEFT")
     args = parser.parse_args()
     if args.build:
-        build(args.build, MODELS[args.build], args.cache)
+        build_lora(args.cache) if args.build == "lora" else build(args.build, MODELS[args.build], args.cache)
         return
     rmconvert = shutil.which("rmconvert") or str(Path(sys.executable).with_name("rmconvert"))
+    if args.lora:
+        run_lora(args, rmconvert, ["warm", "cold"] if os.access(DROP_CACHES, os.W_OK) else ["warm"])
+        return
     out = args.cache / "out"
     approaches = {
         "cp -r": lambda src: ["cp", "-r", str(src), str(out)],

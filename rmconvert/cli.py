@@ -155,10 +155,18 @@ def cli():
     help="Do not record the sha256 of every source file in rmconvert.json. Hashing runs beside the copy on"
     " the second core but reads every byte (about 1.7 GB/s a core); files of a Hugging Face cache are free.",
 )
+@click.option(
+    "--adapter",
+    type=click.Path(path_type=Path),
+    metavar="ADAPTER",
+    help="A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to merge into SRC, exactly"
+    " as PEFT's merge_and_unload() does, tensor by tensor. SRC may also be the adapter itself when its"
+    " base_model_name_or_path names a local directory.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty DST (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @reports_errors
-def convert(src, dst, overwrite, link, as_json, **options):
+def convert(src, dst, overwrite, link, adapter, as_json, **options):
     """Convert the checkpoint SRC into a reward-model checkpoint DST.
 
     SRC is a checkpoint directory or a Hugging Face repo id (org/name): from the cache when HF_HUB_OFFLINE=1,
@@ -170,7 +178,7 @@ def convert(src, dst, overwrite, link, as_json, **options):
     bar = ByteBar(sys.stderr) if not as_json and sys.stderr.isatty() else None
     lines = None if as_json or bar else lambda msg: click.echo(msg, err=True)
     try:
-        report = run(src, dst, overwrite=overwrite, link=link, progress=lines, on_bytes=bar, **options)
+        report = run(src, dst, overwrite=overwrite, link=link, adapter=adapter, progress=lines, on_bytes=bar, **options)
     finally:
         if bar:
             bar.close()
@@ -186,6 +194,11 @@ def convert(src, dst, overwrite, link, as_json, **options):
         f" {vocab['to']}",
         err=True,
     )
+    if "adapter" in report:
+        merged = report["adapter"]
+        replaced = f", {len(merged['replaced'])} replaced whole" if merged["replaced"] else ""
+        head = "; score head from the adapter" if merged["head"] else ""
+        click.echo(f"merged {merged['merged']} tensors of {merged['path']}{replaced}{head}", err=True)
 
 
 @cli.command()
@@ -211,17 +224,32 @@ def convert(src, dst, overwrite, link, as_json, **options):
     help="The policy checkpoint it will score (PPO, GRPO): check that the vocabularies are identical"
     " (token -> id) and that the embedding covers the policy's tokenizer.",
 )
+@click.option(
+    "--adapter",
+    type=click.Path(path_type=Path),
+    metavar="ADAPTER",
+    help="With --against: PATH was merged from SRC and this LoRA adapter; check every merged tensor against a"
+    " fresh merge (bytes).",
+)
 @click.option("--strict", is_flag=True, help="Warnings count as errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
 @reports_errors
-def validate(path, revision, load, against, against_revision, policy, strict, as_json):
+def validate(path, revision, load, against, against_revision, policy, adapter, strict, as_json):
     """Check that the reward-model checkpoint PATH (a directory or a Hugging Face repo id) is sound: exit 0
     when no errors (no warnings either under --strict), 1 otherwise."""
     from .validation import ERROR
     from .validation import validate as run
 
+    if adapter is not None and against is None:
+        raise click.UsageError("--adapter needs --against BASE (the checkpoint the adapter was merged into)")
     findings = run(
-        path, load=load, against=against, policy=policy, revision=revision, against_revision=against_revision
+        path,
+        load=load,
+        against=against,
+        policy=policy,
+        adapter=adapter,
+        revision=revision,
+        against_revision=against_revision,
     )
     errors = [f for f in findings if f.severity == ERROR or strict]
     warnings = [f for f in findings if f not in errors]

@@ -31,9 +31,10 @@ from .checkpoint import (
 )
 from .dtypes import FLOAT_DTYPES, TORCH_NAMES
 from .errors import CheckpointError, OutputError, PluginError, UsageError
-from .head import default_init_std, mean_row_part, read_scalar, score_parts
+from .head import default_init_std, mean_row_part, merged_mean_row_part, read_scalar, score_parts
 from .host import Registered, Registry, load_registry
 from .hub import resolve_source, snapshot_origin
+from .lora import file_hashes, is_adapter, plan_merge, read_adapter, resolve_base
 from .output import FILE_MODE, check_destination, staged, sync_file, write_file
 from .pad import PadChoice, choose_pad
 from .safetensors_io import ByteRange, Header, OutTensor, Repeat, layout, write_parts
@@ -282,10 +283,18 @@ def _plan_json(
     return json_files, generated
 
 
-def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) -> Plan:
-    """Decide the output of converting ``ckpt`` with ``options``; reads only headers and small files."""
+def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, adapter=None) -> Plan:
+    """Decide the output of converting ``ckpt`` with ``options``; reads only headers and small files.
+
+    ``adapter`` (a :class:`rmconvert.lora.Adapter`) is merged into ``ckpt`` first: the plan is that of the
+    merged checkpoint, its merged tensors computed by the writers.
+    """
     arch = registered.architecture
     embedding = arch.embedding_name(ckpt)
+    merge = None
+    if adapter is not None:
+        merge = plan_merge(adapter, ckpt, embedding)
+        ckpt = merge.checkpoint
     head = _head_tensor(ckpt)
     value_head = head.startswith(VALUE_HEAD)
     vocab, hidden = _check_shapes(ckpt, arch, embedding, head)
@@ -311,11 +320,12 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
         raise PluginError(f"architecture {arch.name!r} drops the input embedding {embedding}")
 
     emb = ckpt.tensors[embedding]
-    replaced = {}
+    replaced = dict(merge.parts) if merge else {}
     if new_vocab > vocab:  # the old rows as they are, then the mean row for each new one
-        rows = Repeat(mean_row_part(emb), new_vocab - vocab)
+        old = replaced.get(embedding) or OutTensor.copy_of(emb)
+        mean = mean_row_part(emb) if old.parts == OutTensor.copy_of(emb).parts else merged_mean_row_part(old)
         replaced[embedding] = OutTensor(
-            embedding, emb.dtype, (new_vocab, hidden), (*OutTensor.copy_of(emb).parts, rows)
+            embedding, emb.dtype, (new_vocab, hidden), (*old.parts, Repeat(mean, new_vocab - vocab))
         )
     std = options.init_std if options.init_std is not None else default_init_std(hidden)
     score_dtype = existing.dtype if existing else emb.dtype
@@ -362,6 +372,10 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
                 f"value head bias {bias!r} dropped (transformers' score has no bias): every reward is {bias!r} lower"
                 " than the value head's output; preferences and rankings are unchanged (see the README to add it back)"
             )
+    if merge is not None:
+        report["adapter"] = merge.report(file_hashes(adapter) if options.hash_sources else None)
+        report["source_kind"] += f" + {adapter.task_type or 'LoRA'} adapter"
+        report["warnings"] += merge.warnings(ckpt.path)
     if trained_pad and pad.action == "kept":
         report["warnings"].append(
             f"kept pad {pad.token!r} (id {pad.id}) of the reward model: changing it would move where rewards are read"
@@ -437,6 +451,7 @@ def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
             for k in ("class", "source_kind", "head", "pad", "vocab", "dtype", "dropped", "value_head")
             if k in plan.report
         },
+        **({"adapter": plan.report["adapter"]} if "adapter" in plan.report else {}),
     }
 
 
@@ -586,6 +601,7 @@ def convert(
     *,
     overwrite: bool = False,
     link: bool = False,
+    adapter: str | Path | None = None,
     registry: Registry | None = None,
     progress=None,
     revision: str | None = None,
@@ -599,17 +615,26 @@ def convert(
     unchanged instead of copying them (a hard-linked file shares its inode with the source).
     ``progress(message)`` is called as each shard is written, ``on_bytes(done, total)`` from the workers
     as bytes are copied, written and hashed.
+    ``adapter`` is a PEFT LoRA adapter directory merged into ``src`` first; ``src`` may itself be an adapter
+    whose ``base_model_name_or_path`` names the base.
     """
     options["max_shard_size"] = parse_size(options.get("max_shard_size"))
     opts = Options(**options)
     opts.check()
     src, dst = resolve_source(src, revision), Path(dst)
     require_directory(src)
+    if adapter is None and is_adapter(src) and not (src / "config.json").exists():
+        adapter = src
+    lora = read_adapter(adapter) if adapter is not None else None
+    if lora is not None:
+        src = resolve_base(lora) if lora.path == src else src
+        require_directory(src)
+        check_destination(lora.path, dst, overwrite)
     check_destination(src, dst, overwrite)
     registry = registry or load_registry()
     ckpt = open_checkpoint(src)
     registered = registry.resolve(ckpt.model_type, opts.arch, ckpt.config_path)
-    plan = plan_conversion(ckpt, registered, opts)
+    plan = plan_conversion(ckpt, registered, opts, lora)
     try:
         with staged(dst, overwrite) as out:
             plan.report["written"] = write_plan(plan, out, opts, link, progress, on_bytes)

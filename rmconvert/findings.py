@@ -158,6 +158,12 @@ CODES = {
             "a backbone tensor was cast from the source's dtype; bytes not compared",
             "expected after --dtype",
         ),
+        Code(
+            "RM125",
+            ERROR,
+            "a tensor merged from the LoRA adapter differs from a fresh merge (PEFT's merge_and_unload)",
+            "convert again from the base and the adapter (rmconvert convert BASE DST --adapter ADAPTER)",
+        ),
     )
 }
 

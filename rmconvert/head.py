@@ -14,7 +14,7 @@ import struct
 from functools import partial
 
 from .dtypes import decode, encode
-from .safetensors_io import DTYPE_BITS, ByteRange, Computed, TensorInfo
+from .safetensors_io import DTYPE_BITS, ByteRange, Computed, OutTensor, TensorInfo, materialize
 
 CHUNK_BYTES = 4 << 20  # bytes of embedding rows decoded at a time
 
@@ -32,22 +32,40 @@ def initial_row(hidden_size: int, std: float, seed: int, dtype: str) -> bytes:
     return encode(rng.standard_normal(hidden_size) * std, dtype)
 
 
-def mean_row(embedding: TensorInfo, dtype: str) -> bytes:
-    """Mean of an embedding's rows as ``dtype``, read in chunks of at most CHUNK_BYTES."""
+def _mean(read, rows: int, row_bytes: int, width: int, source: str, dtype: str) -> bytes:
+    """Mean of ``rows`` rows as ``dtype``; ``read(start, count)`` gives rows' bytes, CHUNK_BYTES at a time."""
     import numpy as np
 
-    rows, row_bytes = embedding.shape[0], embedding.row_bytes
     step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-    total = np.zeros(embedding.shape[1], dtype=np.float64)
+    total = np.zeros(width, dtype=np.float64)
+    for start in range(0, rows, step):
+        count = min(step, rows - start)
+        total += decode(read(start, count), source).reshape(count, -1).sum(axis=0, dtype=np.float64)
+    return encode(total / rows, dtype)
+
+
+def mean_row(embedding: TensorInfo, dtype: str) -> bytes:
+    """Mean of an embedding's rows as ``dtype``, read in chunks of at most CHUNK_BYTES."""
+    rows, row_bytes = embedding.shape[0], embedding.row_bytes
     fd = os.open(embedding.path, os.O_RDONLY)
     try:
-        for start in range(0, rows, step):
-            count = min(step, rows - start)
-            raw = os.pread(fd, count * row_bytes, embedding.offset + start * row_bytes)
-            total += decode(raw, embedding.dtype).reshape(count, -1).sum(axis=0, dtype=np.float64)
+        read = lambda start, count: os.pread(fd, count * row_bytes, embedding.offset + start * row_bytes)
+        return _mean(read, rows, row_bytes, embedding.shape[1], embedding.dtype, dtype)
     finally:
         os.close(fd)
-    return encode(total / rows, dtype)
+
+
+def computed_mean_row(tensor: OutTensor) -> bytes:
+    """Mean of the rows of a tensor the writer computes (an embedding a LoRA adapter changed), as mean_row."""
+    data = b"".join(materialize(p) for p in tensor.parts)
+    row_bytes = len(data) // tensor.shape[0]
+    read = lambda start, count: data[start * row_bytes : (start + count) * row_bytes]
+    return _mean(read, tensor.shape[0], row_bytes, tensor.shape[1], tensor.dtype, tensor.dtype)
+
+
+def merged_mean_row_part(tensor: OutTensor) -> Computed:
+    """The mean row of a computed embedding, computed by the writer of its shard."""
+    return Computed(partial(computed_mean_row, tensor), tensor.nbytes // tensor.shape[0])
 
 
 def mean_row_part(embedding: TensorInfo) -> Computed:

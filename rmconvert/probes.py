@@ -113,10 +113,39 @@ def _same_bytes(a: TensorInfo, b: TensorInfo, length: int) -> bool:
     return True
 
 
-def against_source(s: Subject, source: Path, registry: Registry, load: bool) -> list[Finding]:
-    """The backbone is the source's byte for byte; with ``load``, hidden states and rewards agree too."""
+def _merged(s: Subject, src, adapter: Path | None) -> dict:
+    """Tensors a fresh merge of ``adapter`` into ``src`` writes, by name (none without an adapter)."""
+    if adapter is None:
+        return {}
+    from .lora import plan_merge, read_adapter
+
+    embedding = s.architecture.embedding_name(src) if s.architecture else "model.embed_tokens.weight"
+    return plan_merge(read_adapter(adapter), src, embedding).parts
+
+
+def _merged_findings(s: Subject, ours: TensorInfo, expected) -> list[Finding]:
+    """RM125 when a merged (or adapter-replaced) tensor differs from the fresh merge's bytes."""
+    from .lora import tensor_bytes
+
+    if ours.dtype != expected.dtype:
+        return [s.finding("RM124", ours.path.name, ours.name, f"{expected.dtype} -> {ours.dtype}")]
+    data = tensor_bytes(expected)
+    if ours.shape[1:] != expected.shape[1:] or ours.nbytes < len(data):
+        return [s.finding("RM125", ours.path.name, ours.name, f"{list(expected.shape)} -> {list(ours.shape)}")]
+    with open(ours.path, "rb") as f:
+        if os.pread(f.fileno(), len(data), ours.offset) != data:
+            return [s.finding("RM125", ours.path.name, ours.name, "bytes differ from a fresh merge of the adapter")]
+    return []
+
+
+def against_source(
+    s: Subject, source: Path, registry: Registry, load: bool, adapter: Path | None = None
+) -> list[Finding]:
+    """The backbone is the source's byte for byte, or with ``adapter`` the fresh merge's; with ``load``,
+    hidden states and rewards agree too (not compared after a merge)."""
     try:
         src = open_checkpoint(source)
+        merged = _merged(s, src, adapter)
     except CheckpointError as exc:
         return [Finding("RM001", "error", str(exc.path), "", f"source: {exc.message}", CODES["RM001"].hint)]
     arch = s.architecture
@@ -128,7 +157,9 @@ def against_source(s: Subject, source: Path, registry: Registry, load: bool) -> 
         if name in dropped:
             continue
         ours = s.ckpt.tensors.get(name)
-        if ours is None:
+        if ours is not None and name in merged:
+            findings += _merged_findings(s, ours, merged[name])
+        elif ours is None:
             findings.append(s.finding("RM121", str(source), name, "in the source, not in the reward model"))
         elif ours.dtype != theirs.dtype:
             findings.append(s.finding("RM124", ours.path.name, name, f"{theirs.dtype} -> {ours.dtype}"))
@@ -136,7 +167,7 @@ def against_source(s: Subject, source: Path, registry: Registry, load: bool) -> 
             findings.append(s.finding("RM120", ours.path.name, name, f"{list(theirs.shape)} -> {list(ours.shape)}"))
         elif not _same_bytes(ours, theirs, theirs.nbytes if name != embedding else min(ours.nbytes, theirs.nbytes)):
             findings.append(s.finding("RM120", ours.path.name, name, "bytes differ"))
-    if load and not findings:
+    if load and not findings and not merged:
         findings += _compare_outputs(s, src)
     return findings
 

@@ -392,3 +392,50 @@ def save_as_bin(src: str | Path, dst: str | Path, tied: dict[str, str] | None = 
         index["weight_map"] = {k: bin_name(v) for k, v in index["weight_map"].items()}
         (dst / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
     return dst
+
+
+def load_base(base: str | Path, task_type: str = "CAUSAL_LM", labels: int = 1, dtype: str = "float32"):
+    """``base`` loaded as PEFT loads it for ``task_type``: a causal LM, or a ``labels``-label classifier."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch_dtype = getattr(torch, dtype)
+    if task_type == "SEQ_CLS":
+        return AutoModelForSequenceClassification.from_pretrained(base, num_labels=labels, dtype=torch_dtype)
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+
+
+def build_adapter(
+    base: str | Path,
+    path: str | Path,
+    *,
+    task_type: str = "CAUSAL_LM",
+    labels: int = 1,
+    dtype: str = "float32",
+    adapter_dtype: str = "float32",
+    vocab_size: int | None = None,
+    seed: int = 0,
+    **lora,
+) -> Path:
+    """Save a PEFT LoRA adapter of ``base`` at ``path``, as training would leave it (needs ``peft``).
+
+    A and B are random and non-zero (``init_lora_weights=False``), seeded; the other trainable tensors
+    (``modules_to_save`` copies such as the score head, biases under ``bias="all"``) get seeded noise, as
+    training changes them. ``adapter_dtype`` "float32" is PEFT's default (it upcasts LoRA weights), else
+    the LoRA weights keep the base's ``dtype``. ``vocab_size`` resizes the embedding first (new tokens).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = load_base(base, task_type, labels, dtype)
+    if vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    config = LoraConfig(task_type=task_type, init_lora_weights=False, **lora)
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype == "float32")
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if parameter.requires_grad and ".lora_" not in name:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    peft_model.save_pretrained(path)
+    return Path(path)

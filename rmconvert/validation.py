@@ -53,6 +53,7 @@ def validate(
     load: bool = False,
     against: str | Path | None = None,
     policy: str | Path | None = None,
+    adapter: str | Path | None = None,
     registry: Registry | None = None,
     revision: str | None = None,
     against_revision: str | None = None,
@@ -60,7 +61,8 @@ def validate(
     """Every finding for the reward-model checkpoint at ``path``; no finding of severity error means sound.
 
     ``load`` also loads it with transformers and scores probe batches; ``against`` compares it with the
-    checkpoint it was converted from (bytes, and with ``load`` hidden states and rewards); ``policy``
+    checkpoint it was converted from (bytes, and with ``load`` hidden states and rewards); ``adapter`` is the
+    LoRA adapter merged into ``against``, whose merged tensors are compared with a fresh merge. ``policy``
     checks that its vocabulary is the tokenizer's of the policy checkpoint at ``policy`` (a directory
     without a tokenizer, or one of another family, raises CheckpointError). ``path`` and ``against`` may be
     Hub repo ids ``org/name``, at ``revision`` and ``against_revision``.
@@ -87,7 +89,9 @@ def validate(
         from . import probes  # imports torch and transformers: only when asked to load or compare
 
         if against is not None:
-            findings += probes.against_source(subject, Path(against), registry, load)
+            findings += probes.against_source(
+                subject, Path(against), registry, load, Path(adapter) if adapter is not None else None
+            )
         if load:
             findings += probes.loaded(subject)
     return findings

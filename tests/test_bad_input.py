@@ -1061,3 +1061,136 @@ def test_sigterm_cleans_up_within_a_grace_period(ws):
     assert_interrupted(proc.returncode, stdout, stderr)
     assert left == []
     assert state(dst) is None
+
+
+# --- LoRA adapters (--adapter) -----------------------------------------------------------------
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(build, tmp_path_factory) -> Path:
+    """A PEFT LoRA adapter of the tiny Llama 2 (read-only; copy it to damage it); made by peft (test extra)."""
+    from rmconvert.testing import build_adapter
+
+    path = tmp_path_factory.mktemp("adapter") / "adapter"
+    return build_adapter(build("llama2"), path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+
+def edit_adapter_tensors(adapter: Path, edit: Callable[[dict], None]) -> None:
+    """Let ``edit`` change the adapter's tensors (a dict of torch tensors), then save them again."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(adapter / ADAPTER_WEIGHTS)
+    edit(tensors)
+    save_file(tensors, adapter / ADAPTER_WEIGHTS)
+
+
+def resize_lora(part: str, rows: slice | None = None, columns: slice | None = None):
+    """An edit: every LoRA ``part`` (lora_A or lora_B) cut to ``rows`` and ``columns``, or grown by one rank."""
+
+    def edit(tensors):
+        import torch
+
+        for key in [k for k in tensors if f".{part}." in k]:
+            t = tensors[key]
+            tensors[key] = t[rows or slice(None), columns or slice(None)].contiguous() if rows or columns else (
+                torch.cat([t, t[:, :1]], dim=1))  # fmt: skip
+
+    return edit
+
+
+def other_family_base(adapter: Path) -> None:
+    """base_model_name_or_path names a local GPT-2 checkpoint (only its config matters)."""
+    other = adapter.parent / "gpt2-base"
+    other.mkdir()
+    (other / CONFIG).write_text(json.dumps({"model_type": "gpt2"}))
+    edit_json(adapter / ADAPTER_CONFIG, lambda c: c.update(base_model_name_or_path=str(other)))
+
+
+def rename_modules(tensors: dict) -> None:
+    """Module names of another family (GPT-2's transformer.h.N) for every LoRA tensor."""
+    for key in list(tensors):
+        tensors[key.replace("model.model.layers.", "model.transformer.h.")] = tensors.pop(key)
+
+
+def adapter_case(name, problem, damage, culprit=ADAPTER_WEIGHTS, *, as_source=False):
+    """A damaged adapter: ``damage(adapter)``; ``culprit`` is relative to the adapter ("." for itself).
+    ``as_source`` runs ``convert ADAPTER DST`` (the base from base_model_name_or_path), else ``convert SRC DST
+    --adapter ADAPTER``."""
+    return pytest.param(damage, culprit, problem, as_source, id=name)
+
+
+# fmt: off
+BAD_ADAPTERS = [
+    adapter_case("rank-of-a-and-b-differ", "A has rank 4 but B has rank 5",
+                 lambda a: edit_adapter_tensors(a, resize_lora("lora_B"))),
+    adapter_case("rank-disagrees-with-config", "A and B have rank 4 but adapter_config.json gives r=2",
+                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(r=2))),
+    adapter_case("wrong-hidden-size", "the adapter does not fit this model",
+                 lambda a: edit_adapter_tensors(a, resize_lora("lora_A", columns=slice(0, 32)))),
+    adapter_case("target-module-matches-nothing", "target_modules entry 'wq' matches no tensor of BASE",
+                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(target_modules=["q_proj", "wq"])),
+                 ADAPTER_CONFIG),
+    adapter_case("target-regex-matches-nothing", "matches no tensor of BASE",
+                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(target_modules=r".*\.attn\.c_attn")),
+                 ADAPTER_CONFIG),
+    adapter_case("trained-on-another-model-type", "the adapter was trained on a gpt2 model", other_family_base,
+                 ADAPTER_CONFIG),
+    adapter_case("module-names-of-another-family", "BASE has no tensor transformer.h.0.self_attn.q_proj.weight",
+                 lambda a: edit_adapter_tensors(a, rename_modules)),
+    adapter_case("weights-missing", f"no {ADAPTER_WEIGHTS}", lambda a: (a / ADAPTER_WEIGHTS).unlink(), "."),
+    adapter_case("pickle-weights", "pickle adapters are not read",
+                 lambda a: (a / ADAPTER_WEIGHTS).rename(a / "adapter_model.bin"), "adapter_model.bin"),
+    *[
+        adapter_case(f"peft-type-{t.lower()}", f"peft_type {t!r}: only LoRA adapters (LORA) can be merged",
+                     lambda a, t=t: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(peft_type=t)), ADAPTER_CONFIG)
+        for t in ("IA3", "PROMPT_TUNING", "PREFIX_TUNING", "NO_SUCH_TYPE")
+    ],
+    adapter_case("task-type-token-cls", "task_type 'TOKEN_CLS': only CAUSAL_LM and SEQ_CLS adapters are merged",
+                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(task_type="TOKEN_CLS")), ADAPTER_CONFIG),
+    adapter_case("dora-without-magnitude", "use_dora in adapter_config.json and the DoRA magnitude vector disagree",
+                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(use_dora=True))),
+    adapter_case("target-parameters", "LoRA on parameters (target_parameters) is not merged by rmconvert",
+                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(target_parameters=["experts"]))
+                 , ADAPTER_CONFIG),
+    adapter_case("seq-cls-without-head", "the trained head is not in the adapter and cannot be recovered",
+                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(task_type="SEQ_CLS"))),
+    adapter_case("r-not-positive", "r must be a positive number, not 0",
+                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(r=0)), ADAPTER_CONFIG),
+    adapter_case("rank-pattern-not-a-regex", "rank_pattern key '(' is not a regex",
+                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(rank_pattern={"(": 2})), ADAPTER_CONFIG),
+    adapter_case("config-not-json", "invalid JSON", lambda a: (a / ADAPTER_CONFIG).write_text("{"), ADAPTER_CONFIG),
+    adapter_case("config-not-json-as-source", "invalid JSON", lambda a: (a / ADAPTER_CONFIG).write_text("{"),
+                 ADAPTER_CONFIG, as_source=True),
+    adapter_case("base-is-a-hub-id", "is not a local directory",
+                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(base_model_name_or_path="org/model")),
+                 ADAPTER_CONFIG, as_source=True),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize("damage, culprit, problem, as_source", BAD_ADAPTERS)
+def test_convert_refuses_bad_adapter(ws, lora_adapter, damage, culprit, problem, as_source):
+    src, adapter = ws.source(), ws.copy(lora_adapter, "adapter")
+    damage(adapter)
+    where = adapter / culprit if culprit != "." else adapter
+    before = state(adapter)
+    if as_source:
+        check_refused(adapter, ws.dst(), (), where, problem)
+    else:
+        check_refused(src, ws.dst(), ("--adapter", adapter), where, problem)
+    assert state(adapter) == before
+
+
+def test_adapter_option_names_a_checkpoint_not_an_adapter(ws):
+    src, other = ws.source(), ws.source(name="other")
+    check_refused(src, ws.dst(), ("--adapter", other), other, "no adapter_config.json: not a PEFT adapter directory")
+
+
+def test_validate_adapter_needs_against(ws, reward_model, lora_adapter):
+    result = rmconvert("validate", reward_model, "--adapter", lora_adapter)
+    assert_no_crash(result)
+    assert result.exit_code == 2
+    assert "--adapter needs --against BASE" in result.stderr
