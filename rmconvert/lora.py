@@ -16,11 +16,12 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-from .checkpoint import Checkpoint, check_links, read_json, require_directory, text_config
+from .checkpoint import Checkpoint, check_links, read_json, read_weights, require_directory, text_config
 from .dtypes import FLOAT_DTYPES
 from .errors import CheckpointError
+from .hub import resolve_source
 from .lora_merge import Delta, merged_bytes
-from .safetensors_io import Computed, OutTensor, TensorInfo, read_header
+from .safetensors_io import Computed, OutTensor, TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -80,37 +81,27 @@ def is_adapter(path: Path) -> bool:
 
 
 def read_adapter_weights(path: Path) -> tuple[Path, dict[str, TensorInfo]]:
-    """The adapter's weights file and its tensors, from headers only.
-
-    Seam: ``adapter_model.safetensors`` is read here; ``adapter_model.bin`` goes through the safe ``.bin``
-    reader once rmconvert has one (issue 9), until then it is refused.
-    """
-    weights = path / ADAPTER_WEIGHTS
-    if weights.exists():
-        return weights, read_header(weights).tensors
-    if (path / ADAPTER_PICKLE).exists():
-        raise CheckpointError(
-            "pickle adapters are not read (they can run code when loaded); save the adapter with"
-            " safe_serialization=True to get adapter_model.safetensors",
-            path / ADAPTER_PICKLE,
-        )
-    raise CheckpointError(f"no {ADAPTER_WEIGHTS}: the adapter's weights are missing", path)
+    """The adapter's weights file and its tensors, from headers only: ``adapter_model.safetensors``, else
+    ``adapter_model.bin`` through the safe ``.bin`` reader (no pickle code run, no tensor loaded)."""
+    for name in (ADAPTER_WEIGHTS, ADAPTER_PICKLE):
+        if (path / name).exists():
+            return path / name, read_weights(path / name).tensors
+    raise CheckpointError(f"no {ADAPTER_WEIGHTS} or {ADAPTER_PICKLE}: the adapter's weights are missing", path)
 
 
 def resolve_base(adapter: Adapter) -> Path:
-    """The base checkpoint named by ``base_model_name_or_path``.
-
-    Seam: a local directory (absolute, or relative to the working directory as PEFT reads it) now; a hub
-    id will go through the hub helper's ``resolve_source(spec, revision)`` (issue 9).
-    """
+    """The base checkpoint named by ``base_model_name_or_path``: a local directory (absolute, or relative to the
+    working directory as PEFT reads it), else a Hub repo id at the adapter's ``revision``."""
     name = adapter.config.get("base_model_name_or_path")
     if not isinstance(name, str) or not name:
         raise CheckpointError("no base_model_name_or_path: give the base checkpoint (rmconvert convert BASE DST"
                               " --adapter ADAPTER)", adapter.config_path)  # fmt: skip
-    base = Path(name).expanduser()
+    local = Path(name).expanduser()
+    revision = adapter.config.get("revision")
+    base = local if local.is_dir() else resolve_source(name, revision if isinstance(revision, str) else None)
     if not base.is_dir():
         raise CheckpointError(
-            f"base_model_name_or_path {name!r} is not a local directory (hub ids are not resolved yet):"
+            f"base_model_name_or_path {name!r} is neither a local directory nor a Hugging Face repo id:"
             " give the base checkpoint (rmconvert convert BASE DST --adapter ADAPTER)",
             adapter.config_path,
         )

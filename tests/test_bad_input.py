@@ -1122,6 +1122,17 @@ def adapter_case(name, problem, damage, culprit=ADAPTER_WEIGHTS, *, as_source=Fa
     return pytest.param(damage, culprit, problem, as_source, id=name)
 
 
+def pickled_adapter_with_payload(adapter: Path) -> None:
+    """The adapter's weights as ``adapter_model.bin`` whose pickle carries an ``os.system`` payload first."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(adapter / ADAPTER_WEIGHTS), adapter / "adapter_model.bin")
+    (adapter / ADAPTER_WEIGHTS).unlink()
+    payload = Payload(os.system, f"touch {adapter.parent / 'payload-ran'}")
+    edit_pickle(adapter / "adapter_model.bin", lambda state: state.update({"payload": payload}))
+
+
 # fmt: off
 BAD_ADAPTERS = [
     adapter_case("rank-of-a-and-b-differ", "A has rank 4 but B has rank 5",
@@ -1141,8 +1152,8 @@ BAD_ADAPTERS = [
     adapter_case("module-names-of-another-family", "BASE has no tensor transformer.h.0.self_attn.q_proj.weight",
                  lambda a: edit_adapter_tensors(a, rename_modules)),
     adapter_case("weights-missing", f"no {ADAPTER_WEIGHTS}", lambda a: (a / ADAPTER_WEIGHTS).unlink(), "."),
-    adapter_case("pickle-weights", "pickle adapters are not read",
-                 lambda a: (a / ADAPTER_WEIGHTS).rename(a / "adapter_model.bin"), "adapter_model.bin"),
+    adapter_case("pickle-weights-forbidden-global", "the pickle names posix.system", pickled_adapter_with_payload,
+                 "adapter_model.bin"),
     *[
         adapter_case(f"peft-type-{t.lower()}", f"peft_type {t!r}: only LoRA adapters (LORA) can be merged",
                      lambda a, t=t: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(peft_type=t)), ADAPTER_CONFIG)
@@ -1164,8 +1175,8 @@ BAD_ADAPTERS = [
     adapter_case("config-not-json", "invalid JSON", lambda a: (a / ADAPTER_CONFIG).write_text("{"), ADAPTER_CONFIG),
     adapter_case("config-not-json-as-source", "invalid JSON", lambda a: (a / ADAPTER_CONFIG).write_text("{"),
                  ADAPTER_CONFIG, as_source=True),
-    adapter_case("base-is-a-hub-id", "is not a local directory",
-                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(base_model_name_or_path="org/model")),
+    adapter_case("base-neither-directory-nor-repo-id", "is neither a local directory nor a Hugging Face repo id",
+                 lambda a: edit_json(a / ADAPTER_CONFIG, lambda c: c.update(base_model_name_or_path="/no/such/base")),
                  ADAPTER_CONFIG, as_source=True),
 ]
 # fmt: on
@@ -1182,6 +1193,22 @@ def test_convert_refuses_bad_adapter(ws, lora_adapter, damage, culprit, problem,
     else:
         check_refused(src, ws.dst(), ("--adapter", adapter), where, problem)
     assert state(adapter) == before
+    assert not (adapter.parent / "payload-ran").exists()
+
+
+def test_adapter_base_repo_id_not_in_the_cache_offline(ws, lora_adapter):
+    """base_model_name_or_path names a repo id the cache lacks, offline: one line naming it and what to do."""
+    adapter, cache, dst = ws.copy(lora_adapter, "adapter"), ws.tmp / "hf-cache", ws.dst()
+    edit_json(adapter / ADAPTER_CONFIG, lambda c: c.update(base_model_name_or_path="tiny-org/absent"))
+    cache.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env.update(HF_HUB_CACHE=str(cache), HF_HOME=str(ws.tmp / "hf-home"), HF_HUB_OFFLINE="1")
+    done = subprocess.run([rmconvert_script(), "convert", str(adapter), str(dst)], capture_output=True, text=True,
+                          env=env, cwd=ws.tmp, check=False)  # fmt: skip
+    assert_one_error(
+        ProcessResult(done.returncode, done.stdout, done.stderr), "tiny-org/absent", "not in the Hugging Face cache"
+    )
+    assert list(cache.iterdir()) == [] and state(dst) is None
 
 
 def test_adapter_option_names_a_checkpoint_not_an_adapter(ws):

@@ -271,3 +271,52 @@ def test_head_saved_under_its_in_memory_name(bases, tmp_path):
     report = convert(base, tmp_path / "rm", adapter)
     assert report["adapter"]["head"] == "adapter"
     assert differing(tensors(tmp_path / "rm")["score.weight"], head) == 0
+
+
+def test_pickled_adapter_merges_like_its_safetensors_twin(bases, tmp_path):
+    """``adapter_model.bin`` (``save_pretrained(safe_serialization=False)``) is read by the safe ``.bin`` reader:
+    the same merged bytes as the safetensors adapter; rmconvert.json hashes the file that was read."""
+    base = bases["llama3-bf16"]
+    adapter = build_adapter(base, tmp_path / "adapter", dtype="bfloat16", target_modules=["q_proj", "down_proj"], r=4,
+                            lora_alpha=8, modules_to_save=["score"], task_type="SEQ_CLS")  # fmt: skip
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_bytes((adapter / "adapter_config.json").read_bytes())
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        torch.save({k: f.get_tensor(k) for k in f.keys()}, pickled / "adapter_model.bin")  # noqa: SIM118
+    convert(base, tmp_path / "a", adapter)
+    report = convert(base, tmp_path / "b", pickled)
+    assert {k: v for k, v in snapshot(tmp_path / "a").items() if k != "rmconvert.json"} == {
+        k: v for k, v in snapshot(tmp_path / "b").items() if k != "rmconvert.json"
+    }
+    assert set(report["adapter"]["files"]) == {"adapter_config.json", "adapter_model.bin"}
+
+
+def test_base_named_by_a_hub_repo_id(bases, tmp_path):
+    """base_model_name_or_path ``org/name`` resolves through the Hugging Face cache (offline here): the same bytes
+    as converting with the local base."""
+    import subprocess
+    import sys
+
+    from rmconvert.testing import add_to_hub_cache
+
+    base = bases["llama3-bf16"]
+    cache = tmp_path / "hf-cache"
+    add_to_hub_cache(base, cache, "tiny-org/llama3-base")
+    adapter = build_adapter(base, tmp_path / "adapter", dtype="bfloat16", target_modules=["v_proj"], r=2, lora_alpha=4)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": "tiny-org/llama3-base"})
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1")
+    script = Path(sys.executable).with_name("rmconvert")
+    done = subprocess.run([str(script), "convert", str(adapter), str(tmp_path / "from-hub")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    convert(base, tmp_path / "local", adapter)
+    manifest = json.loads((tmp_path / "from-hub" / "rmconvert.json").read_text())
+    assert manifest["source_repo"]["repo_id"] == "tiny-org/llama3-base"
+    assert {k: v for k, v in snapshot(tmp_path / "from-hub").items() if k != "rmconvert.json"} == {
+        k: v for k, v in snapshot(tmp_path / "local").items() if k != "rmconvert.json"
+    }
