@@ -159,9 +159,9 @@ def cli():
     "--adapter",
     type=click.Path(path_type=Path),
     metavar="ADAPTER",
-    help="A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors) to merge into SRC, exactly"
-    " as PEFT's merge_and_unload() does, tensor by tensor. SRC may also be the adapter itself when its"
-    " base_model_name_or_path names a local directory.",
+    help="A PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors or .bin) to merge into SRC,"
+    " exactly as PEFT's merge_and_unload() does, tensor by tensor. SRC may also be the adapter itself when its"
+    " base_model_name_or_path names a local directory or a Hub repo id.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty DST (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print only a JSON report on stdout.")
