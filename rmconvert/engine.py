@@ -92,10 +92,10 @@ class Plan:
     report: dict = field(default_factory=dict)
 
 
-def _head_tensor(ckpt: Checkpoint) -> str:
-    """Name of an existing reward head: ``score.weight``, or OpenRLHF's ``<value_head_prefix>.weight``."""
+def _head_tensor(ckpt: Checkpoint, score: str) -> str:
+    """Name of an existing reward head: ``score`` (the architecture's), or OpenRLHF's ``<value_head_prefix>.weight``."""
     prefix = ckpt.config.get("value_head_prefix")
-    return f"{prefix}.weight" if isinstance(prefix, str) and f"{prefix}.weight" in ckpt.tensors else "score.weight"
+    return f"{prefix}.weight" if isinstance(prefix, str) and f"{prefix}.weight" in ckpt.tensors else score
 
 
 def _check_shapes(ckpt: Checkpoint, arch: Architecture, embedding: str, head: str) -> tuple[int, int]:
@@ -123,6 +123,21 @@ def _check_shapes(ckpt: Checkpoint, arch: Architecture, embedding: str, head: st
                 f"id2label has {len(id2label)} labels but {head} has {score.shape[0]} rows", ckpt.config_path
             )
     return vocab, hidden
+
+
+def _keep_position_pad(ckpt: Checkpoint, pad: PadChoice, options: Options) -> None:
+    """A family whose pad id indexes its position table (XGLM) scores every sequence differently under another
+    pad id: the source's pad must stay."""
+    source = text_config(ckpt.config).get("pad_token_id")
+    if pad.id == source or options.pad_token == "keep":
+        return
+    problem = (
+        f"{ckpt.model_type}'s pad id indexes its position table: pad {pad.token!r} (id {pad.id}) would move it from"
+        f" {source} and change every reward"
+    )
+    if options.pad_token != "auto":
+        raise UsageError(f"--pad-token {options.pad_token!r}: {problem}; use --pad-token keep")
+    raise CheckpointError(f"{problem}; set pad_token_id to the model's pad (the real checkpoints' is 1)", ckpt.config_path)
 
 
 def _output_config(ckpt: Checkpoint, registered: Registered, labels: int, vocab: int, pad: PadChoice, dtype) -> dict:
@@ -252,12 +267,15 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     """Decide the output of converting ``ckpt`` with ``options``; reads only headers and small files."""
     arch = registered.architecture
     embedding = arch.embedding_name(ckpt)
-    head = _head_tensor(ckpt)
+    score_name = arch.score_name(ckpt.model_type)
+    head = _head_tensor(ckpt, score_name)
     vocab, hidden = _check_shapes(ckpt, arch, embedding, head)
     existing = ckpt.tensors.get(head)
     tok = TokenizerFiles.read(ckpt.path)
     generation_config = read_json(ckpt.path / GENERATION_CONFIG, required=False)
     pad = choose_pad(options.pad_token, tok, ckpt.config, generation_config, arch.pad_tokens, existing is not None)
+    if ckpt.model_type in arch.pad_in_positions:
+        _keep_position_pad(ckpt, pad, options)
     tokens = len(tok) + pad.is_new
     if tokens > 2 * vocab:
         raise CheckpointError(
@@ -280,7 +298,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options) 
     std = options.init_std if options.init_std is not None else default_init_std(hidden)
     score_dtype = existing.dtype if existing else emb.dtype
     parts, head_how = score_parts(existing, labels, hidden, score_dtype, std, options.seed, options.from_bt)
-    score = OutTensor("score.weight", score_dtype, (labels, hidden), tuple(parts))
+    score = OutTensor(score_name, score_dtype, (labels, hidden), tuple(parts))
     shards, index = _plan_shards(ckpt, dropped, replaced, score, options)
 
     config = _output_config(ckpt, registered, labels, new_vocab, pad, options.dtype)

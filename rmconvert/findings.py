@@ -170,6 +170,13 @@ class Subject:
         return self.text_config.get("hidden_size")
 
     @property
+    def score_name(self) -> str:
+        """The reward head the family's sequence classifier loads (``score.weight`` unless the plugin says so)."""
+        if self.architecture is None:
+            return "score.weight"
+        return self.architecture.score_name(self.ckpt.model_type)
+
+    @property
     def right_padding_only(self) -> bool:
         """Whether the family scores only right-padded batches exactly (see Architecture.right_padding_only)."""
         return self.architecture is not None and self.ckpt.model_type in self.architecture.right_padding_only

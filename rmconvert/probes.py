@@ -102,7 +102,7 @@ def against_source(s: Subject, source: Path, registry: Registry, load: bool) -> 
     arch = s.architecture
     embedding = arch.embedding_name(s.ckpt) if arch else None
     findings = []
-    dropped = (arch.dropped(src) if arch else set()) | {"score.weight", "value_head.weight"}
+    dropped = (arch.dropped(src) if arch else set()) | {s.score_name, "value_head.weight"}
     for name, theirs in sorted(src.tensors.items()):
         if name in dropped:
             continue
@@ -124,7 +124,7 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
     """Hidden states of both backbones on the probes; for a reward-model source, rewards per the head rules."""
     import torch
 
-    source_is_rm = "score.weight" in src.tensors
+    source_is_rm = s.score_name in src.tensors
     try:
         ours, _ = _load(s, s.path)
         theirs, _ = _load(s, src.path, causal=not source_is_rm)
@@ -147,7 +147,7 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
             r_ours = torch.cat([ours(ids, **accepted(ours, use_cache=False)).logits for ids in singles])
             r_theirs = torch.cat([theirs(ids, **accepted(theirs, use_cache=False)).logits for ids in singles])
             if not _rewards_agree(r_ours, r_theirs, _tolerance(ours.dtype)):
-                findings.append(s.finding("RM123", s.weights_file, "score.weight", "rewards disagree"))
+                findings.append(s.finding("RM123", s.weights_file, s.score_name, "rewards disagree"))
     return findings
 
 
