@@ -137,7 +137,9 @@ def _keep_position_pad(ckpt: Checkpoint, pad: PadChoice, options: Options) -> No
     )
     if options.pad_token != "auto":
         raise UsageError(f"--pad-token {options.pad_token!r}: {problem}; use --pad-token keep")
-    raise CheckpointError(f"{problem}; set pad_token_id to the model's pad (the real checkpoints' is 1)", ckpt.config_path)
+    raise CheckpointError(
+        f"{problem}; set pad_token_id to the model's pad (the real checkpoints' is 1)", ckpt.config_path
+    )
 
 
 def _output_config(ckpt: Checkpoint, registered: Registered, labels: int, vocab: int, pad: PadChoice, dtype) -> dict:

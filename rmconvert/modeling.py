@@ -44,7 +44,8 @@ def _multimodal(model_types) -> set[str]:
     return {
         t
         for t in model_types
-        if t in CONFIG_MAPPING and any(map(nests_a_model, (getattr(CONFIG_MAPPING[t], "sub_configs", None) or {}).values()))
+        if t in CONFIG_MAPPING
+        and any(map(nests_a_model, (getattr(CONFIG_MAPPING[t], "sub_configs", None) or {}).values()))
     }
 
 

@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from .errors import CheckpointError
 
@@ -124,7 +124,7 @@ def structure(config: dict) -> Structure:
     return _build(model_type, key)
 
 
-@lru_cache(maxsize=None)
+@cache
 def classifier_head(model_type: str, class_name: str) -> str | None:
     """The head parameter of transformers' own sequence classifier ``class_name`` (outside the backbone, one
     weight, e.g. CTRL's ``classifier.weight``), built on the meta device from the family's default config;
