@@ -11,7 +11,7 @@ import math
 import os
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -404,7 +404,7 @@ def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
     }
 
 
-def _check_config(plan: Plan) -> None:
+def _check_config(plan: Plan, stop=None) -> None:
     """The output config must satisfy the architecture's JSON schema."""
     schema = plan.registered.architecture.schema
     problems = schema_errors(plan.json_files["config.json"], schema)
@@ -414,56 +414,107 @@ def _check_config(plan: Plan) -> None:
         )
 
 
-#: Order of the workers' jobs: assembled shards first, as they also compute (the mean row, the head), then
-#: copies, so that the disk writes them back while the sources are hashed.
-JOB_ORDER = {"assemble": 0, "copy": 1, "hash": 2}
+@dataclass(order=True)
+class _Job:
+    """One unit of the workers' work: check the config, write a shard or file, or hash a source file."""
+
+    kind: str  # "check", "assemble", "copy" or "hash"
+    size: int
+    name: str  # the output file written, or the source file hashed
+    run: partial = field(compare=False)
+    reads: frozenset[Path] = field(default=frozenset(), compare=False)  # source files it reads whole
+
+
+class _Queue:
+    """Which job a free worker takes next: a priority queue, not first in first out.
+
+    The config check comes first and nothing is written before it passes (a schema error stops the run before
+    any copy); meanwhile the other worker may hash sources, which writes nothing. Then the hash of a file that
+    was just copied (it is in the page cache: hashed while the other worker reads the next file from the
+    disk), then assembled shards (they also compute: the mean row, the head), then copies, biggest first so
+    that the workers finish together, then hashes of files not yet read.
+    """
+
+    def __init__(self, jobs: list[_Job]):
+        self.jobs = jobs
+        self.checked = not any(j.kind == "check" for j in jobs)
+        self.read: set[Path] = set()
+
+    def _rank(self, job: _Job) -> tuple:
+        kind = {"check": 0, "hash": 1 if job.reads <= self.read else 4, "assemble": 2, "copy": 3}[job.kind]
+        return (kind, -job.size, job.name)
+
+    def take(self) -> _Job | None:
+        """The most urgent job that may run now, or None (every other job waits for the config check)."""
+        ready = [j for j in self.jobs if self.checked or j.kind in ("check", "hash")]
+        if not ready:
+            return None
+        job = min(ready, key=self._rank)
+        self.jobs.remove(job)
+        return job
+
+    def done(self, job: _Job) -> None:
+        self.checked |= job.kind == "check"
+        self.read |= job.reads
+
+
+WORKERS = 2  # this machine class has two cores
 
 
 def write_plan(plan: Plan, out: Path, options: Options, link: bool = False, progress=None) -> dict[str, int]:
     """Write every file of ``plan`` into the empty directory ``out``; returns how many shards were written how.
 
-    Two workers (this machine class has two cores) copy shards, then hash the sources, biggest first
-    so that they finish together. A third thread checks the config, then flushes each finished file to
-    the disk while the rest run. Only this thread receives signals, and it imports nothing meanwhile:
-    a Ctrl-C or SIGTERM that broke off an import here would leave a module lock held, and a worker's
-    own import (numpy) would wait on it forever. On an error, Ctrl-C or SIGTERM the workers stop at
-    their next chunk, so nothing runs on after the staging dir is removed.
+    Two workers check the config, copy shards and hash the sources in the order of :class:`_Queue`; a third
+    thread flushes each finished file to the disk while the rest run. Only this thread receives signals, and
+    it imports nothing meanwhile: a Ctrl-C or SIGTERM that broke off an import here would leave a module lock
+    held, and a worker's own import (numpy, jsonschema) would wait on it forever. On an error, Ctrl-C or
+    SIGTERM the workers stop at their next chunk, so nothing runs on after the staging dir is removed.
     """
     ckpt = plan.checkpoint
     read = [s.path.name for s in ckpt.shards] + plan.copies + [n for n in plan.json_files if (ckpt.path / n).exists()]
     read += [INDEX] if ckpt.index is not None else []
-    jobs = [
-        (
-            "assemble" if isinstance(shard, list) else "copy",
-            _shard_bytes(shard),
-            name,
-            partial(_write_shard, out / name, shard, ckpt, link),
-        )
-        for name, shard in plan.shards.items()
-    ]
     size = lambda name: (ckpt.path / name).stat().st_size
-    jobs += [("copy", size(n), n, partial(_write_copy, out / n, ckpt.path / n)) for n in plan.copies]
+    jobs = [_Job("check", 0, "config.json", partial(_check_config, plan))]
+    for name, shard in plan.shards.items():
+        if isinstance(shard, Header):
+            reads = frozenset({shard.path})
+        else:
+            reads = frozenset(p.path for t in shard for p in t.parts if isinstance(p, ByteRange))
+        kind = "assemble" if isinstance(shard, list) else "copy"
+        jobs.append(_Job(kind, _shard_bytes(shard), name, partial(_write_shard, out / name, shard, ckpt, link), reads))
+    jobs += [
+        _Job("copy", size(n), n, partial(_write_copy, out / n, ckpt.path / n), frozenset({ckpt.path / n}))
+        for n in plan.copies
+    ]
     if options.hash_sources:
-        jobs += [("hash", size(n), n, partial(_sha256, ckpt.path / n)) for n in set(read)]
-    jobs.sort(key=lambda j: (JOB_ORDER[j[0]], -j[1], j[2]))  # biggest first in each kind
+        jobs += [
+            _Job("hash", size(n), n, partial(_sha256, ckpt.path / n), frozenset({ckpt.path / n})) for n in set(read)
+        ]
+    queue = _Queue(jobs)
     stop = threading.Event()
-    with ThreadPoolExecutor(max_workers=2) as pool, ThreadPoolExecutor(max_workers=1) as background:
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool, ThreadPoolExecutor(max_workers=1) as background:
         try:  # from the first submit on: a signal that lands between two submits must stop the workers too
-            futures = {background.submit(_check_config, plan): ("check", "config.json")}
-            futures |= {pool.submit(job, stop): (kind, name) for kind, _, name, job in jobs}
+            running: dict = {}
             methods = {"copied": 0, "assembled": 0, "reflink": 0, "hardlink": 0}
             digests, flushes = {}, []
-            for future in as_completed(futures):
-                kind, name = futures[future]
-                result = future.result()
-                if kind == "hash":
-                    digests[name] = result
-                if result in ("copied", "assembled", "file"):  # linked files share the source's blocks
-                    flushes.append(background.submit(sync_file, out / name))
-                if result in methods:
-                    methods[result] += 1
-                    if progress:
-                        progress(f"[{sum(methods.values())}/{len(plan.shards)}] {name}")
+            while True:
+                while len(running) < WORKERS and (job := queue.take()) is not None:
+                    running[pool.submit(job.run, stop)] = job
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = running.pop(future)
+                    result = future.result()
+                    queue.done(job)
+                    if job.kind == "hash":
+                        digests[job.name] = result
+                    if result in ("copied", "assembled", "file"):  # linked files share the source's blocks
+                        flushes.append(background.submit(sync_file, out / job.name))
+                    if result in methods:
+                        methods[result] += 1
+                        if progress:
+                            progress(f"[{sum(methods.values())}/{len(plan.shards)}] {job.name}")
             for future in flushes:
                 future.result()
         except BaseException:  # an error, Ctrl-C or SIGTERM: stop every worker now

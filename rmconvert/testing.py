@@ -174,6 +174,8 @@ def recipe_for(kind: str) -> Recipe:
     sizes = {k: v for k, v in TINY.items() if k in fields} | FAMILY_CONFIG.get(kind, {})
     if "kv_lora_rank" in sizes:  # latent attention keeps a key-value head per query head
         sizes["num_key_value_heads"] = sizes["num_attention_heads"]
+        if "head_dim" in sizes:  # and rotates head_dim = qk_rope_head_dim of each (DeepSeek V3, Youtu)
+            sizes["head_dim"] = sizes["qk_rope_head_dim"]
     return Recipe(kind, tokens=299, vocab_size=304, config=sizes, **FAMILY_TOKENS.get(kind, DEFAULT_TOKENS))
 
 
