@@ -53,7 +53,7 @@ def test_the_layout_comes_from_transformers(model_type, build, tmp_path):
     assert score in kept and not {n for n in kept if n.startswith(("lm_head", "output_projection", "decoder."))}
     errors = [(f.code, f.where) for f in validate(tmp_path / "rm", load=True, against=src) if f.severity == "error"]
     if model_type == "modernbert-decoder":  # the native classifier puts a dense + norm head before classifier
-        assert errors == [("RM100", "head.dense.weight")]
+        assert sorted(c for c, _ in errors) == ["RM100", "RM101"]
     else:
         assert errors == []
 
