@@ -191,6 +191,10 @@ FAMILY_CONFIG = {
         "ffn_config": {"ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 2},
     },
     "dots1": {"n_shared_experts": 1},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    # the LM head's rows: at most the (padded) vocabulary
+    "inkling2_text": {"unpadded_vocab_size": 299},
+    "inkling2_loop_text": {"unpadded_vocab_size": 299},
 }
 #: Any other family: no pad, so conversion adds one and grows the embedding.
 DEFAULT_TOKENS = {"specials": ("<|endoftext|>", "<|im_end|>"), "eos": "<|endoftext|>"}
