@@ -192,6 +192,7 @@ FAMILY_CONFIG = {
     },
     "dots1": {"n_shared_experts": 1},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "zaya": {"num_experts_per_tok": 1},  # the only routing it supports
     # the LM head's rows: at most the (padded) vocabulary
     "inkling2_text": {"unpadded_vocab_size": 299},
     "inkling2_loop_text": {"unpadded_vocab_size": 299},
