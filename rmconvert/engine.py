@@ -414,15 +414,15 @@ def _check_config(plan: Plan, stop=None) -> None:
         )
 
 
-@dataclass(order=True)
+@dataclass(frozen=True)
 class _Job:
     """One unit of the workers' work: check the config, write a shard or file, or hash a source file."""
 
     kind: str  # "check", "assemble", "copy" or "hash"
     size: int
     name: str  # the output file written, or the source file hashed
-    run: partial = field(compare=False)
-    reads: frozenset[Path] = field(default=frozenset(), compare=False)  # source files it reads whole
+    run: partial
+    reads: frozenset[Path] = frozenset()  # source files it reads whole
 
 
 class _Queue:
