@@ -169,7 +169,9 @@ def _config(rm: Path, data) -> str:
 @given(data=st.data())
 def test_validate_load_over_broken_tokenizers_and_configs(good_rm, tmp_path_factory, data):
     rm = Path(shutil.copytree(good_rm, tmp_path_factory.mktemp("case") / "rm"))
-    mutations = data.draw(st.lists(st.sampled_from([_tokenizer_json, _tokenizer_config, _config]), min_size=1))
-    for mutate in mutations[:3]:
+    mutations = data.draw(
+        st.lists(st.sampled_from([_tokenizer_json, _tokenizer_config, _config]), min_size=1, unique=True)
+    )
+    for mutate in mutations:  # each from the sound file it damages
         event(mutate(rm, data))
     event(f"exit {run_cli('validate', str(rm), '--load').exit_code}")
