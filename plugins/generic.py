@@ -1,7 +1,9 @@
 """Any decoder-only model_type of the installed transformers, with or without a native sequence classifier.
 
-Claims only what no specific plugin claims. The embedding is found by shape, so families that do not
-keep it at ``model.embed_tokens`` (e.g. ``transformer.wte``) convert too.
+Claims only what no specific plugin claims. The layout comes from transformers itself (see
+:mod:`rmconvert.structure`): the causal-LM class built on the meta device names the input embedding, the output
+head(s), the backbone and the key renames applied on load. Only when transformers cannot build the family are
+the embedding and the heads told by shape and name, and an ambiguous case is an error naming both reasons.
 """
 
 import re
@@ -11,8 +13,8 @@ from rmconvert import Architecture, hookimpl
 from rmconvert.checkpoint import text_config
 from rmconvert.errors import CheckpointError
 
-#: Output heads: a top-level module of these names (``lm_head``, GPT-NeoX's ``embed_out``, RWKV's ``head``), or an
-#: ``unembed`` anywhere. (``output`` is not matched inside the backbone: RWKV's attention has one.)
+#: Fallback only. Output heads: a top-level module of these names (``lm_head``, GPT-NeoX's ``embed_out``, RWKV's
+#: ``head``), or an ``unembed`` anywhere. (``output`` is not matched inside the backbone: RWKV's attention has one.)
 OUTPUT_HEAD = re.compile(r"^(lm_head|embed_out|head|output)\.|(^|\.)unembed\.")
 
 
@@ -30,6 +32,8 @@ class Generic(Architecture):
         transformers_4 = int(version("transformers").split(".")[0]) < 5
         return ("recurrent_gemma", "rwkv", "xlstm") + (("biogpt",) if transformers_4 else ())
 
+    pad_in_positions = ("xglm",)
+
     @cached_property
     def model_types(self) -> tuple[str, ...]:
         """Every decoder-only family; those without a native class get one built (see rmconvert.modeling)."""
@@ -46,25 +50,60 @@ class Generic(Architecture):
         alias = config_attribute_map(config.get("model_type", "")).get("hidden_size")
         return tc.get(alias) if alias else None
 
-    def dropped(self, ckpt):
-        """Everything outside the backbone (where the embedding is): a classifier is the backbone plus ``score``."""
-        prefix = self.embedding_name(ckpt).split(".")[0] + "."
-        outside = {n for n in ckpt.tensors if not n.startswith(prefix) or OUTPUT_HEAD.search(n)}
-        return super().dropped(ckpt) | outside - {"score.weight"}
+    def score_name(self, model_type):
+        """``score.weight``, or the head transformers' native classifier names otherwise (CTRL: ``classifier``)."""
+        from rmconvert.modeling import native_class_name
+        from rmconvert.structure import classifier_head
 
-    def embedding_name(self, ckpt):
-        """The one [vocab_size, H] tensor that is not an output head (``lm_head``, ``embed_out``, ``unembed``)."""
-        if self.embedding in ckpt.tensors:
-            return self.embedding
+        native = native_class_name(model_type)
+        return (classifier_head(model_type, native) if native else None) or self.score
+
+    def _layout(self, ckpt) -> tuple[str, set[str]]:
+        """(input embedding, tensors outside the reward model) from transformers' structure of the family."""
+        from rmconvert.structure import StructureError, structure
+
+        try:
+            found = structure(ckpt.config)
+        except StructureError as exc:
+            return self._guess(ckpt, exc)
+        loaded_as = {name: found.rename(name) for name in ckpt.tensors}
+        embedding = [n for n, key in loaded_as.items() if key == found.embedding]
+        if len(embedding) != 1:
+            raise CheckpointError(
+                f"{found.causal_lm} loads its input embedding {found.embedding} from"
+                f" {'none of the tensors' if not embedding else embedding}",
+                ckpt.path,
+            )
+        score = self.score_name(ckpt.model_type)
+        outside = {n for n, key in loaded_as.items() if not found.in_backbone(key) and n != score}
+        return embedding[0], outside
+
+    def _guess(self, ckpt, why: CheckpointError) -> tuple[str, set[str]]:
+        """The layout by shape and name, when transformers cannot build the family."""
+        score = self.score_name(ckpt.model_type)
         vocab = text_config(ckpt.config).get("vocab_size")
         found = [
             n
             for n, t in ckpt.tensors.items()
-            if len(t.shape) == 2 and t.shape[0] == vocab and not OUTPUT_HEAD.search(n) and n != "score.weight"
+            if len(t.shape) == 2 and t.shape[0] == vocab and not OUTPUT_HEAD.search(n) and n != score
         ]
+        if self.embedding in ckpt.tensors:
+            found = [self.embedding]
         if len(found) != 1:
-            raise CheckpointError(f"cannot tell the input embedding among {found} of [vocab_size, H]", ckpt.path)
-        return found[0]
+            raise CheckpointError(
+                f"{why.message}; and by shape, cannot tell the input embedding among {found} of [vocab_size, H]",
+                ckpt.path,
+            )
+        prefix = found[0].split(".")[0] + "."
+        return found[0], {n for n in ckpt.tensors if (not n.startswith(prefix) or OUTPUT_HEAD.search(n)) and n != score}
+
+    def dropped(self, ckpt):
+        """Everything transformers' sequence classifier would not load: outside the backbone, or an output head."""
+        return super().dropped(ckpt) | self._layout(ckpt)[1]
+
+    def embedding_name(self, ckpt):
+        """The tensor transformers loads as the input embedding, whose rows are the vocabulary."""
+        return self._layout(ckpt)[0]
 
 
 @hookimpl

@@ -40,6 +40,8 @@ class Architecture:
     sequence_classification_class: str | None = None
     #: The input embedding tensor, whose rows are the vocabulary.
     embedding: str = "model.embed_tokens.weight"
+    #: The reward head of the sequence-classification class: ``[1 or 2, hidden_size]``, no bias.
+    score: str = "score.weight"
     #: Tensor name prefixes of the language-model head, dropped from a reward model.
     lm_head_prefixes: tuple[str, ...] = ("lm_head.",)
     #: Other tensor name prefixes to drop (e.g. multi-token-prediction layers).
@@ -51,6 +53,9 @@ class Architecture:
     #: model_types whose recurrence runs over pad tokens (their layers ignore the attention mask), so only
     #: right-padded batches score exactly: their tokenizers are set to pad on the right.
     right_padding_only: tuple[str, ...] = ()
+    #: model_types whose pad id is part of the model (XGLM's position table skips it): a converted reward model
+    #: keeps the source's pad id, and a --pad-token that would move it is refused.
+    pad_in_positions: tuple[str, ...] = ()
     #: JSON schema (draft 2020-12) the reward-model config.json must satisfy.
     schema: Path = schemas.path("reward-model")
     #: True only for a catch-all architecture, consulted after every specific one.
@@ -67,6 +72,10 @@ class Architecture:
         from .modeling import sequence_classification_class_name
 
         return sequence_classification_class_name(model_type)
+
+    def score_name(self, model_type: str) -> str:
+        """Name of the reward head tensor the sequence-classification class of ``model_type`` loads."""
+        return self.score
 
     def embedding_name(self, ckpt) -> str:
         """Name of the input embedding tensor of ``ckpt`` (a :class:`rmconvert.checkpoint.Checkpoint`)."""

@@ -61,17 +61,17 @@ def value_head(s: Subject) -> Iterator[Finding]:
 
 
 def head(s: Subject) -> Iterator[Finding]:
-    hidden = s.hidden_size
-    for name in sorted(n for n in s.ckpt.tensors if n.startswith("lm_head.")):
-        yield s.finding("RM013", s.ckpt.tensors[name].path.name, name, "a reward model has only score.weight")
-    score = s.ckpt.tensors.get("score.weight")
+    hidden, name = s.hidden_size, s.score_name
+    for lm_head in sorted(n for n in s.ckpt.tensors if n.startswith("lm_head.")):
+        yield s.finding("RM013", s.ckpt.tensors[lm_head].path.name, lm_head, f"a reward model has only {name}")
+    score = s.ckpt.tensors.get(name)
     if score is None and VALUE_HEAD + "weight" in s.ckpt.tensors:
         return  # RM015
     if score is None:
-        yield s.finding("RM010", s.weights_file, "score.weight", "no score head: no shard holds score.weight")
+        yield s.finding("RM010", s.weights_file, name, f"no score head: no shard holds {name}")
         return
     if len(score.shape) != 2 or score.shape[0] not in (1, 2) or score.shape[1] != hidden:
-        yield s.finding("RM011", score.path.name, "score.weight", f"{list(score.shape)}; expected [1 or 2, {hidden}]")
+        yield s.finding("RM011", score.path.name, name, f"{list(score.shape)}; expected [1 or 2, {hidden}]")
         return
     id2label = s.config.get("id2label")
     labels = len(id2label) if isinstance(id2label, dict) else 2  # what transformers builds without id2label
@@ -80,7 +80,7 @@ def head(s: Subject) -> Iterator[Finding]:
             "RM012",
             CONFIG,
             "/id2label",
-            f"the config loads {labels} labels but score.weight has {score.shape[0]} rows"
+            f"the config loads {labels} labels but {name} has {score.shape[0]} rows"
             " (transformers would initialise a new head at random)",
         )
 

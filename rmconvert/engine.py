@@ -11,8 +11,8 @@ import math
 import os
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -104,15 +104,15 @@ class Plan:
     report: dict = field(default_factory=dict)
 
 
-def _head_tensor(ckpt: Checkpoint) -> str:
-    """Name of an existing reward head: ``score.weight``, OpenRLHF's ``<value_head_prefix>.weight``, or TRL's
+def _head_tensor(ckpt: Checkpoint, score: str) -> str:
+    """Name of an existing reward head: ``score`` (the architecture's), OpenRLHF's ``<value_head_prefix>.weight``, or TRL's
     value head ``v_head.summary.weight`` (inline, or in a value_head file beside the weights)."""
     prefix = ckpt.config.get("value_head_prefix")
     if isinstance(prefix, str) and f"{prefix}.weight" in ckpt.tensors:
         return f"{prefix}.weight"
-    if "score.weight" not in ckpt.tensors and VALUE_HEAD + "weight" in ckpt.tensors:
+    if score not in ckpt.tensors and VALUE_HEAD + "weight" in ckpt.tensors:
         return VALUE_HEAD + "weight"
-    return "score.weight"
+    return score
 
 
 def _value_head_bias(ckpt: Checkpoint, hidden: int) -> float:
@@ -155,6 +155,23 @@ def _check_shapes(ckpt: Checkpoint, arch: Architecture, embedding: str, head: st
                 f"id2label has {len(id2label)} labels but {head} has {score.shape[0]} rows", ckpt.config_path
             )
     return vocab, hidden
+
+
+def _keep_position_pad(ckpt: Checkpoint, pad: PadChoice, options: Options) -> None:
+    """A family whose pad id indexes its position table (XGLM) scores every sequence differently under another
+    pad id: the source's pad must stay."""
+    source = text_config(ckpt.config).get("pad_token_id")
+    if pad.id == source or options.pad_token == "keep":
+        return
+    problem = (
+        f"{ckpt.model_type}'s pad id indexes its position table: pad {pad.token!r} (id {pad.id}) would move it from"
+        f" {source} and change every reward"
+    )
+    if options.pad_token != "auto":
+        raise UsageError(f"--pad-token {options.pad_token!r}: {problem}; use --pad-token keep")
+    raise CheckpointError(
+        f"{problem}; set pad_token_id to the model's pad (the real checkpoints' is 1)", ckpt.config_path
+    )
 
 
 def _output_config(ckpt: Checkpoint, registered: Registered, labels: int, vocab: int, pad: PadChoice, dtype) -> dict:
@@ -295,7 +312,8 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     if adapter is not None:
         merge = plan_merge(adapter, ckpt, embedding)
         ckpt = merge.checkpoint
-    head = _head_tensor(ckpt)
+    score_name = arch.score_name(ckpt.model_type)
+    head = _head_tensor(ckpt, score_name)
     value_head = head.startswith(VALUE_HEAD)
     vocab, hidden = _check_shapes(ckpt, arch, embedding, head)
     bias = _value_head_bias(ckpt, hidden) if value_head else None
@@ -305,6 +323,8 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     # a value head was read at the last attended token: like a causal LM, it gets a pad distinct from eos
     trained_pad = existing is not None and not value_head
     pad = choose_pad(options.pad_token, tok, ckpt.config, generation_config, arch.pad_tokens, trained_pad)
+    if ckpt.model_type in arch.pad_in_positions:
+        _keep_position_pad(ckpt, pad, options)
     tokens = len(tok) + pad.is_new
     if tokens > 2 * vocab:
         raise CheckpointError(
@@ -332,7 +352,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     parts, head_how = score_parts(existing, labels, hidden, score_dtype, std, options.seed, options.from_bt)
     if value_head:
         head_how = f"value head {head}" + (" as [zeros; w]" if labels == 2 else "") + f" ({existing.dtype})"
-    score = OutTensor("score.weight", score_dtype, (labels, hidden), tuple(parts))
+    score = OutTensor(score_name, score_dtype, (labels, hidden), tuple(parts))
     shards, index = _plan_shards(ckpt, dropped, replaced, score, options)
 
     config = _output_config(ckpt, registered, labels, new_vocab, pad, options.dtype)
@@ -455,7 +475,7 @@ def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
     }
 
 
-def _check_config(plan: Plan) -> None:
+def _check_config(plan: Plan, stop=None) -> None:
     """The output config must satisfy the architecture's JSON schema."""
     schema = plan.registered.architecture.schema
     problems = schema_errors(plan.json_files["config.json"], schema)
@@ -465,9 +485,51 @@ def _check_config(plan: Plan) -> None:
         )
 
 
-#: Order of the workers' jobs: assembled shards first, as they also compute (the mean row, the head), then
-#: copies, so that the disk writes them back while the sources are hashed.
-JOB_ORDER = {"assemble": 0, "copy": 1, "hash": 2}
+@dataclass(frozen=True)
+class _Job:
+    """One unit of the workers' work: check the config, write a shard or file, or hash a source file."""
+
+    kind: str  # "check", "assemble", "copy" or "hash"
+    size: int
+    name: str  # the output file written, or the source file hashed
+    run: partial
+    reads: frozenset[Path] = frozenset()  # source files it reads whole
+
+
+class _Queue:
+    """Which job a free worker takes next: a priority queue, not first in first out.
+
+    The config check comes first and nothing is written before it passes (a schema error stops the run before
+    any copy); meanwhile the other worker may hash sources, which writes nothing. Then the hash of a file that
+    was just copied (it is in the page cache: hashed while the other worker reads the next file from the
+    disk), then assembled shards (they also compute: the mean row, the head), then copies, biggest first so
+    that the workers finish together, then hashes of files not yet read.
+    """
+
+    def __init__(self, jobs: list[_Job]):
+        self.jobs = jobs
+        self.checked = not any(j.kind == "check" for j in jobs)
+        self.read: set[Path] = set()
+
+    def _rank(self, job: _Job) -> tuple:
+        kind = {"check": 0, "hash": 1 if job.reads <= self.read else 4, "assemble": 2, "copy": 3}[job.kind]
+        return (kind, -job.size, job.name)
+
+    def take(self) -> _Job | None:
+        """The most urgent job that may run now, or None (every other job waits for the config check)."""
+        ready = [j for j in self.jobs if self.checked or j.kind in ("check", "hash")]
+        if not ready:
+            return None
+        job = min(ready, key=self._rank)
+        self.jobs.remove(job)
+        return job
+
+    def done(self, job: _Job) -> None:
+        self.checked |= job.kind == "check"
+        self.read |= job.reads
+
+
+WORKERS = 2  # this machine class has two cores
 
 
 def write_plan(
@@ -478,50 +540,59 @@ def write_plan(
     ``progress(message)`` is called when a shard is written; ``on_bytes(done, total)``, from the workers,
     as bytes are copied, written and hashed.
 
-    Two workers (this machine class has two cores) copy shards, then hash the sources, biggest first
-    so that they finish together. A third thread checks the config, then flushes each finished file to
-    the disk while the rest run. Only this thread receives signals, and it imports nothing meanwhile:
-    a Ctrl-C or SIGTERM that broke off an import here would leave a module lock held, and a worker's
-    own import (numpy) would wait on it forever. On an error, Ctrl-C or SIGTERM the workers stop at
-    their next chunk, so nothing runs on after the staging dir is removed.
+    Two workers check the config, copy shards and hash the sources in the order of :class:`_Queue`; a third
+    thread flushes each finished file to the disk while the rest run. Only this thread receives signals, and
+    it imports nothing meanwhile: a Ctrl-C or SIGTERM that broke off an import here would leave a module lock
+    held, and a worker's own import (numpy, jsonschema) would wait on it forever. On an error, Ctrl-C or
+    SIGTERM the workers stop at their next chunk, so nothing runs on after the staging dir is removed.
     """
     ckpt = plan.checkpoint
     read = [s.path.name for s in ckpt.shards] + plan.copies + [n for n in plan.json_files if (ckpt.path / n).exists()]
     read += [ckpt.index_name] if ckpt.index_name is not None else []
-    jobs = [
-        (
-            "assemble" if isinstance(shard, list) else "copy",
-            _shard_bytes(shard),
-            name,
-            partial(_write_shard, out / name, shard, ckpt, link),
-        )
-        for name, shard in plan.shards.items()
-    ]
     size = lambda name: (ckpt.path / name).stat().st_size
-    jobs += [("copy", size(n), n, partial(_write_copy, out / n, ckpt.path / n)) for n in plan.copies]
+    jobs = [_Job("check", 0, "config.json", partial(_check_config, plan))]
+    for name, shard in plan.shards.items():
+        if isinstance(shard, Header):
+            reads = frozenset({shard.path})
+        else:
+            reads = frozenset(p.path for t in shard for p in t.parts if isinstance(p, ByteRange))
+        kind = "assemble" if isinstance(shard, list) else "copy"
+        jobs.append(_Job(kind, _shard_bytes(shard), name, partial(_write_shard, out / name, shard, ckpt, link), reads))
+    jobs += [
+        _Job("copy", size(n), n, partial(_write_copy, out / n, ckpt.path / n), frozenset({ckpt.path / n}))
+        for n in plan.copies
+    ]
     if options.hash_sources:
-        jobs += [("hash", size(n), n, partial(_sha256, ckpt.path / n)) for n in set(read)]
-    jobs.sort(key=lambda j: (JOB_ORDER[j[0]], -j[1], j[2]))  # biggest first in each kind
-    meter = _Meter(sum(j[1] for j in jobs), on_bytes)
-    jobs = [(kind, nbytes, name, partial(job, advance=meter.add)) for kind, nbytes, name, job in jobs]
+        jobs += [
+            _Job("hash", size(n), n, partial(_sha256, ckpt.path / n), frozenset({ckpt.path / n})) for n in set(read)
+        ]
+    meter = _Meter(sum(j.size for j in jobs), on_bytes)
+    jobs = [j if j.kind == "check" else replace(j, run=partial(j.run, advance=meter.add)) for j in jobs]
+    queue = _Queue(jobs)
     stop = threading.Event()
-    with ThreadPoolExecutor(max_workers=2) as pool, ThreadPoolExecutor(max_workers=1) as background:
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool, ThreadPoolExecutor(max_workers=1) as background:
         try:  # from the first submit on: a signal that lands between two submits must stop the workers too
-            futures = {background.submit(_check_config, plan): ("check", "config.json")}
-            futures |= {pool.submit(job, stop): (kind, name) for kind, _, name, job in jobs}
+            running: dict = {}
             methods = {"copied": 0, "assembled": 0, "reflink": 0, "hardlink": 0}
             digests, flushes = {}, []
-            for future in as_completed(futures):
-                kind, name = futures[future]
-                result = future.result()
-                if kind == "hash":
-                    digests[name] = result
-                if result in ("copied", "assembled", "file"):  # linked files share the source's blocks
-                    flushes.append(background.submit(sync_file, out / name))
-                if result in methods:
-                    methods[result] += 1
-                    if progress:
-                        progress(f"[{sum(methods.values())}/{len(plan.shards)}] {name}")
+            while True:
+                while len(running) < WORKERS and (job := queue.take()) is not None:
+                    running[pool.submit(job.run, stop)] = job
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = running.pop(future)
+                    result = future.result()
+                    queue.done(job)
+                    if job.kind == "hash":
+                        digests[job.name] = result
+                    if result in ("copied", "assembled", "file"):  # linked files share the source's blocks
+                        flushes.append(background.submit(sync_file, out / job.name))
+                    if result in methods:
+                        methods[result] += 1
+                        if progress:
+                            progress(f"[{sum(methods.values())}/{len(plan.shards)}] {job.name}")
             for future in flushes:
                 future.result()
         except BaseException:  # an error, Ctrl-C or SIGTERM: stop every worker now

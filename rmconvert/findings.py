@@ -52,6 +52,12 @@ CODES = {
             "config.json names remote code (auto_map); rmconvert never runs it",
             "load without trust_remote_code, or remove auto_map",
         ),
+        Code(
+            "RM005",
+            ERROR,
+            "a check could not run: it raised an unexpected exception (the other checks ran)",
+            "fix what the message names, or report it to the check's plugin",
+        ),
         Code("RM010", ERROR, "no score head", FIX),
         Code("RM011", ERROR, "score.weight is not [1 or 2, hidden_size]", "retrain or re-export the head"),
         Code(
@@ -153,6 +159,12 @@ CODES = {
             "convert again from the source",
         ),
         Code(
+            "RM127",
+            ERROR,
+            "a tensor loads with values other than its stored bytes (re-initialised on load)",
+            "load with a class that keeps loaded weights (for a class rmconvert builds: upgrade rmconvert)",
+        ),
+        Code(
             "RM124",
             WARNING,
             "a backbone tensor was cast from the source's dtype; bytes not compared",
@@ -212,6 +224,13 @@ class Subject:
         return self.text_config.get("hidden_size")
 
     @property
+    def score_name(self) -> str:
+        """The reward head the family's sequence classifier loads (``score.weight`` unless the plugin says so)."""
+        if self.architecture is None:
+            return "score.weight"
+        return self.architecture.score_name(self.ckpt.model_type)
+
+    @property
     def right_padding_only(self) -> bool:
         """Whether the family scores only right-padded batches exactly (see Architecture.right_padding_only)."""
         return self.architecture is not None and self.ckpt.model_type in self.architecture.right_padding_only
@@ -220,6 +239,14 @@ class Subject:
     def weights_file(self) -> str:
         """The file that says where tensors are: the index of a sharded checkpoint, else the single file."""
         return self.ckpt.weights_file
+
+    def could_not_run(self, check: str, exc: BaseException) -> Finding:
+        """RM005: ``check`` raised ``exc``; names the check, the file the exception names (else the checkpoint)
+        and the exception's message."""
+        where = getattr(exc, "path", None) or getattr(exc, "filename", None)
+        file = Path(str(where)).name if where is not None else str(self.path)
+        message = (str(exc).splitlines() or [""])[0][:300]
+        return self.finding("RM005", file, check, f"{type(exc).__name__}: {message}")
 
     def finding(self, code: str, file: str, where: str, message: str) -> Finding:
         """A finding of a built-in code, with its severity and fix hint."""

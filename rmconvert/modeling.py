@@ -34,10 +34,19 @@ def decoder_only_model_types() -> set[str]:
 
 
 def _multimodal(model_types) -> set[str]:
-    """model_types whose config nests other configs (vision, audio, a text model inside)."""
+    """model_types whose config nests other models' configs (vision, audio, a text model inside); MPT's and
+    DBRX's ``attn_config``/``ffn_config`` are groups of settings (no model_type of their own), not models."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    return {t for t in model_types if t in CONFIG_MAPPING and getattr(CONFIG_MAPPING[t], "sub_configs", None)}
+    def nests_a_model(sub) -> bool:
+        return isinstance(sub, str) or getattr(sub, "model_type", None) != ""
+
+    return {
+        t
+        for t in model_types
+        if t in CONFIG_MAPPING
+        and any(map(nests_a_model, (getattr(CONFIG_MAPPING[t], "sub_configs", None) or {}).values()))
+    }
 
 
 def _backbone_name(model_type: str) -> str | None:

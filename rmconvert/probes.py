@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,13 +53,45 @@ def _load(subject: Subject, path: Path, causal: bool = False):
         return load_reward_model(path, output_loading_info=True, trust_remote_code=False, registry=subject.registry)
 
 
-def _probe_ids(path: Path):
-    """Token ids of the probe texts (unpadded), from the reward model's tokenizer."""
+def _probe_ids(s: Subject, vocab_size: int) -> tuple[list[list[int]], int | None]:
+    """Token ids of the probe texts and the pad id, from the reward model's tokenizer (as a user's batches are
+    padded); ids drawn from the vocabulary and no pad when the tokenizer cannot load or encode them (a
+    word-level tokenizer without an unknown token, ...)."""
     from transformers import AutoTokenizer
 
-    with _quiet_transformers():
-        tok = AutoTokenizer.from_pretrained(path)
-    return tok, [tok(text, return_tensors="pt").input_ids for text in PROBE_TEXTS]
+    try:
+        with _quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(s.path)
+        ids = [list(tok(text).input_ids) for text in PROBE_TEXTS]
+        pad = tok.pad_token_id
+    except Exception:  # noqa: BLE001 (the tokenizer's own problems are findings of the static checks)
+        return _vocabulary_ids(s, vocab_size), None
+    if all(ids) and all(type(i) is int and 0 <= i < vocab_size for row in ids for i in row):
+        return ids, pad if type(pad) is int else None
+    return _vocabulary_ids(s, vocab_size), None
+
+
+def _vocabulary_ids(s: Subject, vocab_size: int) -> list[list[int]]:
+    """Probe sequences as long as the probe texts' words, of ids spread over the vocabulary, no special token."""
+    specials = {s.text_config.get(k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    if s.tokenizer is not None:
+        specials |= {s.tokenizer.special_id(role) for role in ("pad", "bos", "eos", "unk")}
+    plain = [i for i in range(vocab_size) if i not in specials] or list(range(vocab_size))
+    lengths = [len(text.split()) for text in PROBE_TEXTS]
+    return [[plain[(7 * (n + i) + 3) % len(plain)] for i in range(n)] for n in lengths]
+
+
+def _padded(singles: list[list[int]], pad: int, side: str):
+    """(input_ids, attention_mask) of the sequences padded to one length on ``side``."""
+    import torch
+
+    width = max(map(len, singles))
+    rows, masks = [], []
+    for ids in singles:
+        fill = [pad] * (width - len(ids))
+        rows.append(ids + fill if side == "right" else fill + ids)
+        masks.append([1] * len(ids) + [0] * len(fill) if side == "right" else [0] * len(fill) + [1] * len(ids))
+    return torch.tensor(rows), torch.tensor(masks)
 
 
 def positions(attention_mask):
@@ -71,36 +104,60 @@ def _load_failed(s: Subject, exc: Exception) -> Finding:
     return s.finding("RM103", "config.json", "", f"{type(exc).__name__}: {first_line}")
 
 
-def loaded(s: Subject) -> list[Finding]:
-    """Load with transformers: missing/unexpected/mismatched keys, then padded batches vs one by one."""
+def loaded(s: Subject) -> Iterator[Finding]:
+    """Load with transformers: missing/unexpected/mismatched keys, values other than the stored ones, then
+    padded batches vs one by one."""
     import torch
 
     try:
         model, info = _load(s, s.path)
     except Exception as exc:  # noqa: BLE001 (whatever transformers raises is the finding)
-        return [_load_failed(s, exc)]
-    findings = []
+        yield _load_failed(s, exc)
+        return
+    keys = False
     for code, key in (("RM100", "missing_keys"), ("RM101", "unexpected_keys"), ("RM102", "mismatched_keys")):
         names = [k if isinstance(k, str) else k[0] for k in info.get(key) or []]
         if names:
-            findings.append(s.finding(code, s.weights_file, names[0], f"{len(names)} keys: {', '.join(names[:5])}"))
-    if findings or model.config.pad_token_id is None:
-        return findings
+            keys = True
+            yield s.finding(code, s.weights_file, names[0], f"{len(names)} keys: {', '.join(names[:5])}")
+    yield from _reinitialised(s, model)
+    pad = model.config.get_text_config().pad_token_id
+    if keys or type(pad) is not int:
+        return
     model.eval()
-    tok, singles = _probe_ids(s.path)
+    singles, tokenizer_pad = _probe_ids(s, model.get_input_embeddings().num_embeddings)
+    pad = pad if tokenizer_pad is None else tokenizer_pad  # what the tokenizer pads with is what users get
     with torch.no_grad():
-        alone = torch.cat([model(ids, **accepted(model, use_cache=False)).logits for ids in singles])
+        alone = torch.cat([model(torch.tensor([ids]), **accepted(model, use_cache=False)).logits for ids in singles])
         for side in ("right",) if s.right_padding_only else ("right", "left"):
-            tok.padding_side = side
-            batch = tok(list(PROBE_TEXTS), return_tensors="pt", padding=True)
-            options = accepted(model, position_ids=positions(batch["attention_mask"]), use_cache=False)
-            batched = model(**batch, **options).logits
+            input_ids, attention_mask = _padded(singles, pad, side)
+            options = accepted(model, position_ids=positions(attention_mask), use_cache=False)
+            batched = model(input_ids=input_ids, attention_mask=attention_mask, **options).logits
             if not torch.allclose(batched, alone, atol=_tolerance(model.dtype), rtol=_tolerance(model.dtype)):
                 worst = (batched - alone).abs().max().item()
-                findings.append(
-                    s.finding("RM110", "config.json", "/pad_token_id", f"{side}-padded: off by {worst:.3g}")
-                )
-    return findings
+                yield s.finding("RM110", "config.json", "/pad_token_id", f"{side}-padded: off by {worst:.3g}")
+
+
+def _reinitialised(s: Subject, model) -> Iterator[Finding]:
+    """RM127 for each parameter that loaded with values other than the stored tensor of its name (a class
+    whose weight initialisation writes over loaded weights). Tensors renamed or fused on load are not compared."""
+    import torch
+    from safetensors import safe_open
+
+    parameters = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = {}
+    for name, info in s.ckpt.tensors.items():
+        if name in parameters and tuple(parameters[name].shape) == tuple(info.shape):
+            by_file.setdefault(info.path, []).append(name)
+    for path, names in sorted(by_file.items()):
+        with safe_open(path, framework="pt") as f:
+            for name in sorted(names):
+                stored, ours = f.get_tensor(name), parameters[name].detach()
+                if not torch.equal(stored.to(ours.dtype), ours):
+                    rows = (stored.to(ours.dtype) != ours).reshape(len(ours), -1).any(-1).nonzero().flatten().tolist()
+                    diff = (stored.double() - ours.double()).abs().max().item()
+                    where = f"rows {rows[:5]}{'...' if len(rows) > 5 else ''} of {len(ours)}" if ours.dim() else ""
+                    yield s.finding("RM127", path.name, name, f"max |loaded - stored| {diff:.3g}; {where}")
 
 
 def _same_bytes(a: TensorInfo, b: TensorInfo, length: int) -> bool:
@@ -151,8 +208,8 @@ def against_source(
     arch = s.architecture
     embedding = arch.embedding_name(s.ckpt) if arch else None
     findings = []
-    dropped = (arch.dropped(src) if arch else set()) | {"score.weight", "value_head.weight"}
-    dropped |= {n for n in src.tensors if n.startswith("v_head.")}  # a TRL value head became score.weight
+    dropped = (arch.dropped(src) if arch else set()) | {s.score_name, "value_head.weight"}
+    dropped |= {n for n in src.tensors if n.startswith("v_head.")}  # a TRL value head became the score head
     for name, theirs in sorted(src.tensors.items()):
         if name in dropped:
             continue
@@ -191,7 +248,7 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
     value-head source, rewards equal to the value head's output at the last token minus its bias."""
     import torch
 
-    source_is_rm = "score.weight" in src.tensors
+    source_is_rm = s.score_name in src.tensors
     value_head = _value_head_weight(src)
     try:
         ours, _ = _load(s, s.path)
@@ -202,7 +259,7 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
         model.eval()
         for parameter in model.parameters():
             parameter.data = parameter.data.clone()
-    _, singles = _probe_ids(s.path)
+    singles = [torch.tensor([ids]) for ids in _probe_ids(s, ours.get_input_embeddings().num_embeddings)[0]]
     findings, values = [], []
     with torch.no_grad():
         for ids in singles:
@@ -223,7 +280,7 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
             r_ours = torch.cat([ours(ids, **accepted(ours, use_cache=False)).logits for ids in singles])
             r_theirs = torch.cat([theirs(ids, **accepted(theirs, use_cache=False)).logits for ids in singles])
             if not _rewards_agree(r_ours, r_theirs, _tolerance(ours.dtype)):
-                findings.append(s.finding("RM123", s.weights_file, "score.weight", "rewards disagree"))
+                findings.append(s.finding("RM123", s.weights_file, s.score_name, "rewards disagree"))
     return findings
 
 

@@ -23,6 +23,16 @@ class ScoreForSequenceClassification(GenericForSequenceClassification):
     not the pad: transformers' GenericForSequenceClassification, with a forward that also takes backbones
     that keep no key-value cache (Mamba, RWKV, xLSTM, ...)."""
 
+    def initialize_weights(self):
+        """Never over loaded weights: a module whose tensors all loaded is marked initialised before the
+        family's initialisation runs, as transformers does for remote code (Youtu's zeroes the embedding's pad
+        row through ``.data``, past the flag transformers marks loaded tensors with)."""
+        for module in self.modules():
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            if tensors and all(getattr(t, "_is_hf_initialized", False) for t in tensors):
+                module._is_hf_initialized = True
+        super().initialize_weights()
+
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
         backbone = getattr(self, self.base_model_prefix)
         kwargs = accepted(backbone, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)

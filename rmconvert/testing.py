@@ -210,7 +210,21 @@ RECIPES = {
 #: XGLM's pad id is also the zeroed row of its position table, and its checkpoints carry fairseq's
 #: ``<s> <pad> </s> <unk>`` (pad = 1).
 FAMILY_TOKENS = {
-    "xglm": {"specials": ("<s>", "<pad>", "</s>", "<unk>"), "eos": "</s>", "bos": "<s>", "pad": "<pad>", "unk": "<unk>"}
+    "xglm": {
+        "specials": ("<s>", "<pad>", "</s>", "<unk>"),
+        "eos": "</s>",
+        "bos": "<s>",
+        "pad": "<pad>",
+        "unk": "<unk>",
+    },
+    # configs that require an int pad or bos (the real checkpoints have one)
+    "modernbert-decoder": {
+        "specials": ("<|endoftext|>", "[PAD]"),
+        "eos": "<|endoftext|>",
+        "bos": "<|endoftext|>",
+        "pad": "[PAD]",
+    },
+    "cwm": {"specials": ("<|begin_of_text|>", "<|end_of_text|>"), "eos": "<|end_of_text|>", "bos": "<|begin_of_text|>"},
 }
 #: Config fields that must follow the tiny sizes where no TINY field says so (GPT-Neo checks its per-layer
 #: attention types against ``num_layers`` before its aliases are applied).
@@ -218,7 +232,34 @@ FAMILY_CONFIG = {
     "gpt_neo": {
         "num_layers": COMMON["num_hidden_layers"],
         "attention_types": [[["global", "local"], COMMON["num_hidden_layers"] // 2]],
-    }
+    },
+    # per-layer lists and sub-configs that must agree with the tiny sizes
+    "zamba": {
+        "num_hidden_layers": 4,  # two hybrid layers: the shared transformer is tied between them
+        "attn_layer_period": 2,
+        "attn_layer_offset": 1,
+        "layers_block_type": ["linear_attention", "hybrid"] * 2,
+    },
+    "zamba2": {"layers_block_type": ["linear_attention", "hybrid"], "hybrid_layer_ids": [1]},
+    "mamba2": {"num_heads": 8, "n_groups": 1},  # hidden_size * expand == num_heads * head_dim
+    "gemma3n_text": {
+        "layer_types": ["sliding_attention", "full_attention"],
+        "num_kv_shared_layers": 0,
+        "vocab_size_per_layer_input": 304,
+        "hidden_size_per_layer_input": 16,
+    },
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    "dbrx": {
+        "d_model": COMMON["hidden_size"],  # read before the hidden_size alias is applied
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        "ffn_config": {"ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 2},
+    },
+    "dots1": {"n_shared_experts": 1},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "zaya": {"num_experts_per_tok": 1},  # the only routing it supports
+    # the LM head's rows: at most the (padded) vocabulary
+    "inkling2_text": {"unpadded_vocab_size": 299},
+    "inkling2_loop_text": {"unpadded_vocab_size": 299},
 }
 #: Any other family: no pad, so conversion adds one and grows the embedding.
 DEFAULT_TOKENS = {"specials": ("<|endoftext|>", "<|im_end|>"), "eos": "<|endoftext|>"}
@@ -238,6 +279,8 @@ def recipe_for(kind: str) -> Recipe:
     sizes = {k: v for k, v in TINY.items() if k in fields} | FAMILY_CONFIG.get(kind, {})
     if "kv_lora_rank" in sizes:  # latent attention keeps a key-value head per query head
         sizes["num_key_value_heads"] = sizes["num_attention_heads"]
+        if "head_dim" in sizes:  # and rotates head_dim = qk_rope_head_dim of each (DeepSeek V3, Youtu)
+            sizes["head_dim"] = sizes["qk_rope_head_dim"]
     return Recipe(kind, tokens=299, vocab_size=304, config=sizes, **FAMILY_TOKENS.get(kind, DEFAULT_TOKENS))
 
 

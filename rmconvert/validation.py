@@ -80,18 +80,29 @@ def validate(
         where = Path(str(exc.path)) if exc.path is not None else path
         name = where.name if where.parent == path else str(where)
         return [Finding("RM001", ERROR, name, "", exc.message, CODES["RM001"].hint)]
+    except Exception as exc:  # noqa: BLE001 (a checkpoint that breaks the reader is a finding, not a crash)
+        message = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        return [Finding("RM005", ERROR, str(path), "read", message, CODES["RM005"].hint)]
     if policy is not None:
         subject.policy = _policy(Path(policy), subject)
-    findings = [f for check in checks.STATIC for f in check(subject)]
-    for _, check in registry.checks:
-        findings += list(check(subject))
+    runs = [(check.__name__, check, ()) for check in checks.STATIC]
+    runs += [(f"{plugin}:{check.__name__}", check, ()) for plugin, check in registry.checks]
     if load or against is not None:
         from . import probes  # imports torch and transformers: only when asked to load or compare
 
         if against is not None:
-            findings += probes.against_source(
-                subject, Path(against), registry, load, Path(adapter) if adapter is not None else None
-            )
+            adapter_path = Path(adapter) if adapter is not None else None
+            runs.append(("against_source", probes.against_source, (Path(against), registry, load, adapter_path)))
         if load:
-            findings += probes.loaded(subject)
-    return findings
+            runs.append(("loaded", probes.loaded, ()))
+    return [f for name, check, args in runs for f in _run(subject, name, check, *args)]
+
+
+def _run(subject: Subject, name: str, check, *args) -> list[Finding]:
+    """The findings of one check; an unexpected exception is a finding (RM005) and the other checks still run."""
+    found = []
+    try:
+        found.extend(check(subject, *args))  # a generator's findings before the exception are kept
+    except Exception as exc:  # noqa: BLE001 (validate never crashes on a checkpoint it is asked about)
+        found.append(subject.could_not_run(name, exc))
+    return found

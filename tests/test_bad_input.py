@@ -755,6 +755,26 @@ def test_convert_usage_errors(ws, options, problem):
     assert leftovers(dst.parent) == []
 
 
+@pytest.mark.parametrize("pad", ["eos", "</s>", "<newpad>"])
+def test_convert_refuses_a_pad_token_that_would_move_xglms_position_table(ws, pad):
+    """XGLM's pad id is also the row its position table skips: another pad id changes every reward."""
+    src, dst = ws.copy(ws.build("xglm")), ws.dst()
+    before = state(src)
+    result = rmconvert("convert", src, dst, "--pad-token", pad)
+    assert_no_crash(result)
+    assert result.exit_code == 2, result.stderr
+    assert "pad id indexes its position table" in result.stderr.splitlines()[-1]
+    assert "use --pad-token keep" in result.stderr.splitlines()[-1]
+    assert (state(src), state(dst), leftovers(dst.parent)) == (before, None, [])
+
+
+def test_convert_refuses_an_xglm_whose_pad_is_its_eos(ws):
+    """pad = eos (as HALOs sets it): the automatic pad would move the position table's pad row: exit 1."""
+    src = ws.copy(ws.build("xglm"))
+    edit_json(src / CONFIG, lambda c: c.__setitem__("pad_token_id", c["eos_token_id"]))
+    check_refused(src, ws.dst(), [], src / CONFIG, "xglm's pad id indexes its position table")
+
+
 def test_convert_missing_dst_argument(ws):
     result = rmconvert("convert", ws.source())
     assert_no_crash(result)

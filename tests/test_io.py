@@ -149,8 +149,8 @@ def test_converting_a_llama_imports_neither_torch_nor_transformers(build, tmp_pa
 
 
 def test_planning_leaves_numpy_and_jsonschema_to_run_alongside_the_copies(build, tmp_path):
-    """The plan holds the mean row and the head as computations the writers run, and the config is checked
-    while they copy: planning imports neither numpy nor jsonschema (~0.25 s), so copying starts sooner."""
+    """The plan holds the mean row and the head as computations the writers run, and a worker checks the config
+    while the other hashes the sources: planning imports neither numpy nor jsonschema (~0.25 s)."""
     code = (
         "import sys\n"
         "from pathlib import Path\n"
@@ -185,3 +185,24 @@ def test_every_output_file_reaches_the_disk_before_the_destination_is_named(buil
     assert len(list(dst.glob("*.safetensors"))) > 1
     assert {f"{staging}/{p.name}" for p in dst.iterdir()} | {staging} <= synced
     assert ("fsync", str(dst.parent.resolve())) in events[named:]
+
+
+def test_a_config_that_fails_its_schema_stops_the_run_before_any_copy(build, tmp_path, monkeypatch):
+    """The config check runs first; no byte of any shard or file is written before it passes."""
+    from rmconvert import Architecture, engine
+    from rmconvert.errors import CheckpointError
+    from rmconvert.host import Registry
+
+    schema = tmp_path / "strict.schema.json"
+    schema.write_text(json.dumps({"$schema": "https://json-schema.org/draft/2020-12/schema", "required": ["nothing"]}))
+    strict = type("Strict", (Architecture,), {"name": "strict", "model_types": ("llama",), "schema": schema})()
+    registry = Registry()
+    registry.add(strict, "test", "(in-process)", "")
+    writes = []
+    write_parts = engine.write_parts
+    monkeypatch.setattr(
+        engine, "write_parts", lambda fd, parts, stop: (writes.append(parts), write_parts(fd, parts, stop))
+    )
+    with pytest.raises(CheckpointError, match="would not satisfy strict.schema.json"):
+        convert(build("llama3", max_shard_size="100KB"), tmp_path / "rm", registry=registry)
+    assert writes == [] and not (tmp_path / "rm").exists()

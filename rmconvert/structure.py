@@ -1,0 +1,148 @@
+"""A family's checkpoint layout, read from transformers itself: the causal-LM class built on the meta device.
+
+transformers knows where each family keeps its input embedding (``get_input_embeddings``), its output head(s)
+(``get_output_embeddings``, the tied-weight keys), its backbone (``base_model_prefix``) and which checkpoint keys
+it renames on load (transformers 5: the conversion mapping; 4.57: ``_checkpoint_conversion_mapping`` and the
+legacy gamma/beta renames). :func:`structure` builds the class from the checkpoint's config without memory or
+weights and never with remote code; the generic plugin decides from it what is backbone, what is dropped and
+where the vocabulary lives. Imported only for families without a specific plugin (it imports torch).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache, lru_cache
+
+from .errors import CheckpointError
+
+
+class StructureError(CheckpointError):
+    """transformers cannot build the family's causal-LM class from this config."""
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What the causal-LM class of a family says about its checkpoints, in the model's own key names."""
+
+    model_type: str
+    causal_lm: str  # the class name
+    prefix: str  # the backbone's module (``base_model_prefix``)
+    embedding: str  # the input embedding's weight
+    heads: frozenset[str]  # the output head(s)' parameters, tied or not
+    keys: frozenset[str]  # every key of the causal LM's state dict
+    rename: Callable[[str], str]  # a checkpoint key -> the key transformers loads it as
+
+    def in_backbone(self, model_key: str) -> bool:
+        return model_key.startswith(self.prefix + ".") and model_key not in self.heads
+
+
+def _module_names(model) -> dict[int, str]:
+    return {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+
+
+def _renamer(model) -> Callable[[str], str]:
+    """The key renaming transformers applies when it loads a checkpoint into ``model``."""
+    keys = model.state_dict()
+    prefix = model.base_model_prefix
+    try:  # transformers 5: the conversion mapping (renamings, then at most one converter), prefix added or removed
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4.57: the legacy renames and the class's own mapping
+        mapping = dict(getattr(model, "_checkpoint_conversion_mapping", None) or {})
+
+        def rename(key: str) -> str:
+            key = model._fix_state_dict_key_on_load(key)[0]
+            for pattern, replacement in mapping.items():
+                key, n = re.subn(pattern, replacement, key)
+                if n:
+                    break
+            if prefix and key not in keys and f"{prefix}.{key}" in keys:
+                key = f"{prefix}.{key}"
+            return key
+
+        return rename
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return lambda key: rename_source_key(key, renamings, converters, prefix or None, keys)[0]
+
+
+@lru_cache(maxsize=32)
+def _build(model_type: str, config_json: str) -> Structure:
+    import torch
+    from transformers import logging
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    settings = json.loads(config_json)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # a meta model warns about what it would do with real weights
+    try:
+        config_class = CONFIG_MAPPING[model_type]
+        config = config_class.from_dict(settings)
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_class]
+        with torch.device("meta"):
+            model = cls(config)
+    except Exception as exc:  # noqa: BLE001 (whatever transformers raises: the caller falls back, naming it)
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise StructureError(f"transformers cannot build {model_type}'s causal LM: {type(exc).__name__}: {first}")
+    finally:
+        logging.set_verbosity(verbosity)
+    names = _module_names(model)
+    embedding = model.get_input_embeddings()
+    if names.get(id(embedding)) is None or not hasattr(embedding, "weight"):
+        raise StructureError(f"{cls.__name__} has no input embedding module")
+    embedding_name = f"{names[id(embedding)]}.weight"
+    heads = set()
+    output = model.get_output_embeddings()
+    if output is not None and id(output) in names:
+        heads |= {f"{names[id(output)]}.{k}" for k in output.state_dict()}
+    tied = getattr(model, "_tied_weights_keys", None) or ()
+    heads |= set(tied)  # transformers 5: {target: source}; 4.57: a list of targets
+    heads.discard(embedding_name)
+    prefix = model.base_model_prefix
+    if not prefix or not hasattr(model, prefix):  # e.g. a class that leaves it empty: the embedding's top module
+        prefix = embedding_name.split(".")[0]
+    keys = frozenset(model.state_dict())
+    return Structure(model_type, cls.__name__, prefix, embedding_name, frozenset(heads), keys, _renamer(model))
+
+
+def structure(config: dict) -> Structure:
+    """The layout of ``config``'s family (cached per model_type and config); StructureError when transformers
+    cannot build it. Never runs checkpoint code: ``auto_map`` is ignored, the class is transformers' own."""
+    settings = {k: v for k, v in config.items() if k not in ("auto_map", "architectures")}
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise StructureError("config.json has no model_type")
+    try:
+        key = json.dumps(settings, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise StructureError(f"config.json cannot be serialised: {exc}") from None
+    return _build(model_type, key)
+
+
+@cache
+def classifier_head(model_type: str, class_name: str) -> str | None:
+    """The head parameter of transformers' own sequence classifier ``class_name`` (outside the backbone, one
+    weight, e.g. CTRL's ``classifier.weight``), built on the meta device from the family's default config;
+    None when it is not one plain linear map or cannot be built."""
+    import torch
+    import transformers
+    from transformers import logging
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        with torch.device("meta"):
+            model = getattr(transformers, class_name)(CONFIG_MAPPING[model_type](num_labels=1))
+    except Exception:  # noqa: BLE001 (no answer: the caller keeps its default)
+        return None
+    finally:
+        logging.set_verbosity(verbosity)
+    prefix = model.base_model_prefix
+    outside = [n for n, _ in model.named_parameters() if not n.startswith(prefix + ".")]
+    return outside[0] if len(outside) == 1 and outside[0].endswith(".weight") else None
