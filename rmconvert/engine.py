@@ -10,8 +10,10 @@ import json
 import math
 import os
 import re
+import signal
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -532,6 +534,36 @@ class _Queue:
 WORKERS = 2  # this machine class has two cores
 
 
+@contextmanager
+def _signals_set(stop: threading.Event):
+    """While the workers run, SIGINT and SIGTERM set ``stop`` instead of raising in this thread; yields the
+    signals received.
+
+    A KeyboardInterrupt raised at an arbitrary point of this thread can land inside the executor's own locked
+    sections (``submit``, ``wait``) and leave a lock held that the cleanup then waits on forever. Only signals
+    whose handler would raise are taken over (not an ignored SIGINT, not SIGTERM outside the CLI), and only
+    from the main thread, the one Python delivers signals to.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def record(signum, frame):
+        received.append(signum)
+        stop.set()
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if callable(h)}
+    for s in previous:
+        signal.signal(s, record)
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def write_plan(
     plan: Plan, out: Path, options: Options, link: bool = False, progress=None, on_bytes=None
 ) -> dict[str, int]:
@@ -544,7 +576,9 @@ def write_plan(
     thread flushes each finished file to the disk while the rest run. Only this thread receives signals, and
     it imports nothing meanwhile: a Ctrl-C or SIGTERM that broke off an import here would leave a module lock
     held, and a worker's own import (numpy, jsonschema) would wait on it forever. On an error, Ctrl-C or
-    SIGTERM the workers stop at their next chunk, so nothing runs on after the staging dir is removed.
+    SIGTERM the workers stop at their next chunk, so nothing runs on after the staging dir is removed; a
+    signal only sets ``stop`` (:func:`_signals_set`), and the loop raises KeyboardInterrupt once the workers
+    have returned.
     """
     ckpt = plan.checkpoint
     read = [s.path.name for s in ckpt.shards] + plan.copies + [n for n in plan.json_files if (ckpt.path / n).exists()]
@@ -570,17 +604,23 @@ def write_plan(
     jobs = [j if j.kind == "check" else replace(j, run=partial(j.run, advance=meter.add)) for j in jobs]
     queue = _Queue(jobs)
     stop = threading.Event()
-    with ThreadPoolExecutor(max_workers=WORKERS) as pool, ThreadPoolExecutor(max_workers=1) as background:
-        try:  # from the first submit on: a signal that lands between two submits must stop the workers too
+    with (
+        _signals_set(stop) as received,
+        ThreadPoolExecutor(max_workers=WORKERS) as pool,
+        ThreadPoolExecutor(max_workers=1) as background,
+    ):
+        try:
             running: dict = {}
             methods = {"copied": 0, "assembled": 0, "reflink": 0, "hardlink": 0}
             digests, flushes = {}, []
             while True:
-                while len(running) < WORKERS and (job := queue.take()) is not None:
+                while not received and len(running) < WORKERS and (job := queue.take()) is not None:
                     running[pool.submit(job.run, stop)] = job
                 if not running:
                     break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                if received:
+                    raise KeyboardInterrupt
                 for future in finished:
                     job = running.pop(future)
                     result = future.result()
@@ -595,6 +635,8 @@ def write_plan(
                             progress(f"[{sum(methods.values())}/{len(plan.shards)}] {job.name}")
             for future in flushes:
                 future.result()
+            if received:
+                raise KeyboardInterrupt
         except BaseException:  # an error, Ctrl-C or SIGTERM: stop every worker now
             stop.set()
             pool.shutdown(cancel_futures=True)
