@@ -52,11 +52,12 @@ class Generic(Architecture):
 
     def score_name(self, model_type):
         """``score.weight``, or the head transformers' native classifier names otherwise (CTRL: ``classifier``)."""
-        from rmconvert.modeling import native_class_name
-        from rmconvert.structure import classifier_head
+        from rmconvert.modeling import reward_class_name
+        from rmconvert.structure import classifier_head, classifier_parameters
 
-        native = native_class_name(model_type)
-        return (classifier_head(model_type, native) if native else None) or self.score
+        native = reward_class_name(model_type)
+        head = classifier_parameters(model_type, native) if native else None
+        return (classifier_head(head) if head else None) or self.score
 
     def _layout(self, ckpt) -> tuple[str, set[str]]:
         """(input embedding, tensors outside the reward model) from transformers' structure of the family."""

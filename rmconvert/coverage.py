@@ -11,6 +11,7 @@ import argparse
 import multiprocessing
 import resource
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -61,22 +62,45 @@ def _child(model_type: str, root: Path, memory: int, conn) -> None:
         conn.send(("unbuildable", f"crashed: {_reason(exc)}"))
 
 
-def _check_in_child(model_type: str, root: Path, memory: int, seconds: int) -> tuple[str, str]:
-    """``check`` in a child process with bounded memory and time (some "tiny" configs are not tiny).
+def check_all(model_types, root: Path, memory: int, seconds: int, jobs: int = 2, on_result=None) -> dict:
+    """``check`` of every model_type, each in a child process with bounded memory and time (some "tiny"
+    configs are not tiny), ``jobs`` at a time; ``on_result(model_type, result)`` as each ends.
 
     Children fork from a fork server that has imported torch and transformers but run nothing (forking a
-    process whose torch threads have run can deadlock), so each check starts warm and safe.
+    process whose torch threads have run can deadlock), so each check starts warm and safe. A child that dies
+    without an answer (killed for memory, a crash in native code) is reported as such.
     """
-    receive, send = multiprocessing.Pipe(duplex=False)
-    worker = _CONTEXT.Process(target=_child, args=(model_type, root, memory, send))
-    worker.start()
-    if not receive.poll(seconds):
-        worker.kill()
-        worker.join()
-        return "unbuildable", f"took more than {seconds} s"
-    result = receive.recv()
-    worker.join()
-    return tuple(result)
+    from multiprocessing.connection import wait as wait_any
+
+    pending, running, results = list(model_types), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            model_type = pending.pop(0)
+            receive, send = multiprocessing.Pipe(duplex=False)
+            worker = _CONTEXT.Process(target=_child, args=(model_type, root, memory, send))
+            worker.start()
+            send.close()  # the child holds the only writer: its death ends the pipe
+            running[receive] = (model_type, worker, time.monotonic() + seconds)
+        ready = wait_any(list(running), max(0.0, min(d for _, _, d in running.values()) - time.monotonic()))
+        for conn, (model_type, worker, deadline) in list(running.items()):
+            if conn in ready:
+                try:
+                    result = tuple(conn.recv())
+                except EOFError:
+                    worker.join()
+                    result = ("unbuildable", f"crashed: the check's process ended with {worker.exitcode}")
+            elif time.monotonic() >= deadline:
+                worker.kill()
+                result = ("unbuildable", f"took more than {seconds} s")
+            else:
+                continue
+            worker.join()
+            conn.close()
+            del running[conn]
+            results[model_type] = result
+            if on_result is not None:
+                on_result(model_type, result)
+    return results
 
 
 def main(argv=None) -> None:
@@ -86,6 +110,7 @@ def main(argv=None) -> None:
     parser.add_argument("model_types", nargs="*", help="default: every decoder-only model_type")
     parser.add_argument("--memory-gib", type=int, default=8, help="memory limit of each check (default 8)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds allowed for each check (default 300)")
+    parser.add_argument("--jobs", type=int, default=2, help="checks run at once (default 2)")
     args = parser.parse_args(argv)
     logging.set_verbosity_error()
     logging.disable_progress_bar()
@@ -93,11 +118,15 @@ def main(argv=None) -> None:
     from .modeling import decoder_only_model_types
 
     types = args.model_types or sorted(decoder_only_model_types())
-    results = {}
     with tempfile.TemporaryDirectory(prefix="rmconvert-coverage-") as tmp:
-        for model_type in types:
-            results[model_type] = _check_in_child(model_type, Path(tmp), args.memory_gib << 30, args.timeout)
-            print(f"{model_type:32} {results[model_type][0]:12} {results[model_type][1]}", flush=True)
+        results = check_all(
+            types,
+            Path(tmp),
+            args.memory_gib << 30,
+            args.timeout,
+            args.jobs,
+            lambda model_type, result: print(f"{model_type:32} {result[0]:12} {result[1]}", flush=True),
+        )
     import transformers
 
     buildable = {t: r for t, r in results.items() if r[0] != "unbuildable"}

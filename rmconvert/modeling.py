@@ -70,15 +70,33 @@ def native_class_name(model_type: str) -> str | None:
     return _mappings().MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
 
 
-def sequence_classification_class_name(model_type: str) -> str:
-    """Native class name, else ``<Family>ForSequenceClassification`` after the backbone class."""
+def reward_class_name(model_type: str) -> str | None:
+    """transformers' own sequence classifier of ``model_type`` when its head is one linear map of the backbone's
+    output (most families' ``score``, CTRL's ``classifier``): the class a converted causal LM fills completely.
+    None without a native class, or when its head holds more (ModernBERT-decoder on transformers 5.24 puts a dense
+    layer and a norm before ``classifier``: layers no source holds, which would load random). A class that cannot
+    be built from its family's default config (Cohere Compass) is trusted, as its ``score``."""
+    from .structure import classifier_head, classifier_parameters
+
     native = native_class_name(model_type)
+    if not native:
+        return None
+    head = classifier_parameters(model_type, native)
+    return native if head is None or classifier_head(head) else None
+
+
+def sequence_classification_class_name(model_type: str) -> str:
+    """The native reward class (:func:`reward_class_name`), else one named after the backbone class:
+    ``<Family>ForSequenceClassification``, or ``<Family>ScoreForSequenceClassification`` where transformers'
+    class of that name has another head."""
+    native = reward_class_name(model_type)
     if native:
         return native
     backbone = _backbone_name(model_type)
     if not backbone or not backbone.endswith("Model"):
         raise CheckpointError(f"transformers has no backbone class for model_type {model_type!r}")
-    return backbone[: -len("Model")] + "ForSequenceClassification"
+    family = backbone[: -len("Model")]
+    return family + ("ScoreForSequenceClassification" if native_class_name(model_type) else "ForSequenceClassification")
 
 
 def _backbone_classes(model_type: str) -> tuple[type, type]:
@@ -116,12 +134,13 @@ _BUILT: dict[str, type] = {}
 
 
 def register_sequence_classification_class(model_type: str, class_name: str) -> type:
-    """Register a class for ``model_type`` with ``AutoModelForSequenceClassification`` unless native."""
+    """Register a class for ``model_type`` with ``AutoModelForSequenceClassification`` unless transformers' own
+    is the reward class (:func:`reward_class_name`); a native class with another head is overridden."""
     import transformers
     from transformers import AutoModelForSequenceClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    native = native_class_name(model_type)
+    native = reward_class_name(model_type)
     if native:
         return getattr(transformers, native)
     if model_type not in _BUILT:
@@ -136,15 +155,15 @@ PORTABLE_MODULE = "modeling_rmconvert"
 
 
 def portable_module(model_type: str, class_name: str) -> str | None:
-    """Source of a modeling file defining ``class_name`` for ``--portable``; None when transformers has
-    a native class (the checkpoint then needs no code)."""
+    """Source of a modeling file defining ``class_name`` for ``--portable``; None when transformers' own class
+    is the reward class (the checkpoint then needs no code)."""
     import inspect
 
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from . import reward_head
 
-    if native_class_name(model_type):
+    if reward_class_name(model_type):
         return None
     _, pretrained = _backbone_classes(model_type)
     config = CONFIG_MAPPING[model_type]

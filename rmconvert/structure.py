@@ -125,10 +125,9 @@ def structure(config: dict) -> Structure:
 
 
 @cache
-def classifier_head(model_type: str, class_name: str) -> str | None:
-    """The head parameter of transformers' own sequence classifier ``class_name`` (outside the backbone, one
-    weight, e.g. CTRL's ``classifier.weight``), built on the meta device from the family's default config;
-    None when it is not one plain linear map or cannot be built."""
+def classifier_parameters(model_type: str, class_name: str) -> tuple[str, ...] | None:
+    """The parameters of transformers' own sequence classifier ``class_name`` outside the backbone (its head),
+    built on the meta device from the family's default config; None when it cannot be built so."""
     import torch
     import transformers
     from transformers import logging
@@ -144,5 +143,9 @@ def classifier_head(model_type: str, class_name: str) -> str | None:
     finally:
         logging.set_verbosity(verbosity)
     prefix = model.base_model_prefix
-    outside = [n for n, _ in model.named_parameters() if not n.startswith(prefix + ".")]
-    return outside[0] if len(outside) == 1 and outside[0].endswith(".weight") else None
+    return tuple(n for n, _ in model.named_parameters() if not n.startswith(prefix + "."))
+
+
+def classifier_head(parameters: tuple[str, ...]) -> str | None:
+    """The head's weight when the head is one plain linear map (e.g. CTRL's ``classifier.weight``), else None."""
+    return parameters[0] if len(parameters) == 1 and parameters[0].endswith(".weight") else None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,31 @@ def writable_copy(tmp_path):
         return Path(shutil.copytree(path, tmp_path / name))
 
     return _copy
+
+
+HEAVY_MODULES = ("torch", "transformers", "huggingface_hub")
+_CONVERT_AND_LIST_MODULES = f"""
+import sys
+from rmconvert.cli import main
+sys.argv = ["rmconvert", "convert", sys.argv[1], sys.argv[2]]
+try:
+    main()
+except SystemExit as exc:
+    assert not exc.code, exc.code
+print("imported:", *(m for m in {HEAVY_MODULES!r} if m in sys.modules))
+"""
+
+
+@pytest.fixture
+def imported_by_convert(tmp_path):
+    """``imported_by_convert(src, dst, env=None, cwd=tmp_path)`` -> which of :data:`HEAVY_MODULES` a fresh
+    interpreter imported to run ``rmconvert convert SRC DST`` (which must succeed)."""
+
+    def _run(src, dst: Path, env: dict | None = None, cwd: Path = tmp_path) -> set[str]:
+        command = [sys.executable, "-c", _CONVERT_AND_LIST_MODULES, str(src), str(dst)]
+        # run outside the repository: from its root, ``-c`` would import the source tree, not the installed package
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, check=False)
+        assert result.returncode == 0, result.stderr
+        return set(result.stdout.splitlines()[-1].split()[1:])
+
+    return _run

@@ -194,23 +194,9 @@ def test_a_local_directory_named_like_a_repo_id_wins(hub, tmp_path, cwd):
     assert not (tmp_path / "other").exists()
 
 
-def test_converting_a_repo_id_imports_neither_torch_nor_transformers(hub, tmp_path, cwd):
+def test_converting_a_repo_id_imports_neither_torch_nor_transformers(hub, tmp_path, cwd, imported_by_convert):
     cache, _, _ = hub
-    code = (
-        "import sys\n"
-        "from rmconvert.cli import main\n"
-        "sys.argv = ['rmconvert', 'convert', sys.argv[1], sys.argv[2]]\n"
-        "try:\n"
-        "    main()\n"
-        "except SystemExit as exc:\n"
-        "    assert not exc.code, exc.code\n"
-        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
-        "assert not heavy, heavy\n"
-        "assert 'huggingface_hub' in sys.modules\n"
-    )
-    command = [sys.executable, "-c", code, LLAMA, str(tmp_path / "rm")]
-    result = subprocess.run(command, capture_output=True, text=True, env=hub_env(cache), cwd=cwd, check=False)
-    assert result.returncode == 0, result.stderr
+    assert imported_by_convert(LLAMA, tmp_path / "rm", env=hub_env(cache), cwd=cwd) == {"huggingface_hub"}
     assert (tmp_path / "rm" / SINGLE).exists()
 
 
