@@ -734,7 +734,9 @@ def convert(
     options["max_shard_size"] = parse_size(options.get("max_shard_size"))
     opts = Options(**options)
     opts.check()
-    src, dst = resolve_source(src, revision), Path(dst)
+    dst = Path(dst)
+    check_destination(None, dst, overwrite)  # before a Hub source is downloaded
+    src = resolve_source(src, revision)
     require_directory(src)
     if adapter is None and is_adapter(src) and not (src / "config.json").exists():
         adapter = src

@@ -16,22 +16,23 @@ FILE_MODE = 0o644
 DIR_MODE = 0o755
 
 
-def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    """Refuse destinations that would write into, over or around the source, or lose data."""
+def check_destination(src: Path | None, dst: Path, overwrite: bool) -> None:
+    """Refuse destinations that would write into, over or around the source, or lose data; with ``src`` None
+    (a Hub source not yet downloaded), only what DST alone decides."""
     try:
-        _check_destination(src.resolve(), dst.resolve(), overwrite)
+        _check_destination(src.resolve() if src is not None else None, dst.resolve(), overwrite)
     except OSError as exc:  # e.g. a name too long for the filesystem
         raise OutputError(exc.strerror or str(exc), dst) from None
     except RuntimeError:  # Python 3.11's resolve() on a symlink loop
         raise OutputError("symlink loop", dst) from None
 
 
-def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    if dst == src:
+def _check_destination(src: Path | None, dst: Path, overwrite: bool) -> None:
+    if src is not None and dst == src:
         raise OutputError("destination is the source checkpoint; the source is never written", dst)
-    if dst.is_relative_to(src):
+    if src is not None and dst.is_relative_to(src):
         raise OutputError("destination is inside the source checkpoint", dst)
-    if src.is_relative_to(dst):
+    if src is not None and src.is_relative_to(dst):
         raise OutputError("destination contains the source checkpoint", dst)
     if dst.exists() and not dst.is_dir():
         raise OutputError("exists and is not a directory", dst)

@@ -575,3 +575,19 @@ def test_online_errors(online, build, tmp_path, cwd):
         checked = run("validate", repo, *options, cache=cache, cwd=cwd, **env)
         assert_one_error(checked, repo, problem)
     assert server.downloads == []
+
+
+def test_a_destination_that_cannot_be_written_fails_before_any_download(online, build, tmp_path, cwd):
+    server, cache, env = online
+    server.add(LLAMA, files_of(build("llama2")))
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    for dst, culprit, problem in [
+        (occupied, occupied, "exists and is not empty (use --overwrite to replace it)"),
+        (tmp_path / "no-parent" / "rm", tmp_path / "no-parent", "parent directory does not exist"),
+    ]:
+        assert_one_error(run("convert", LLAMA, dst, cache=cache, cwd=cwd, **env), str(culprit), problem)
+    assert server.downloads == []
+    assert (occupied / "keep.txt").read_text() == "mine" and sorted(p.name for p in occupied.iterdir()) == ["keep.txt"]
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))
