@@ -76,8 +76,9 @@ class Checkpoint:
 
     @property
     def pickled(self) -> bool:
-        """Whether the weights are PyTorch pickles (``.bin``) rather than safetensors."""
-        return self.shards[0].path.suffix == ".bin"
+        """Whether the weights are PyTorch pickles (``.bin``) rather than safetensors, by the index or single file read
+        (an index may map no tensor; a value-head side file does not count)."""
+        return self.weights_file in (BIN_INDEX, BIN_SINGLE)
 
     @property
     def config_path(self) -> Path:

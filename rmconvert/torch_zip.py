@@ -18,6 +18,7 @@ import struct
 import zipfile
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,18 +64,31 @@ TORCH_DTYPES = {
 }
 
 
+class _Refused(Exception):
+    """The pickle asks for something a state dict of tensors does not need."""
+
+
+class _StandIn:
+    """Base of the objects a pickle's globals and storages stand for: the BUILD opcode (set an object's state, which
+    would write into its ``__dict__`` past a frozen dataclass) is refused, so a pickle alters none of them."""
+
+    def __setstate__(self, state):
+        name = type(self).__name__.strip("_")
+        raise _Refused(f"the pickle sets the state of a {name} (BUILD), which a state dict of tensors does not need")
+
+
 @dataclass(frozen=True)
-class _StorageType:
+class _StorageType(_StandIn):
     dtype: str
 
 
 @dataclass(frozen=True)
-class _Dtype:
+class _Dtype(_StandIn):
     dtype: str
 
 
 @dataclass(frozen=True)
-class _Storage:
+class _Storage(_StandIn):
     """A storage by persistent id: the zip entry ``data/<key>`` holding ``numel`` elements of ``dtype``."""
 
     key: str
@@ -83,7 +97,7 @@ class _Storage:
 
 
 @dataclass(frozen=True)
-class _Tensor:
+class _Tensor(_StandIn):
     """What ``torch._utils._rebuild_tensor_v2`` (or ``_v3``) would build: a view of a storage."""
 
     storage: _Storage
@@ -93,8 +107,14 @@ class _Tensor:
     dtype: str  # the storage's, or the one _rebuild_tensor_v3 names
 
 
-class _Refused(Exception):
-    """The pickle asks for something a state dict of tensors does not need."""
+@dataclass(frozen=True)
+class _Function(_StandIn):
+    """A function a pickle may call, wrapped: BUILD on the function itself would set its attributes for the process."""
+
+    function: Callable
+
+    def __call__(self, *args):
+        return self.function(*args)
 
 
 def _ints(value, what: str) -> tuple[int, ...]:
@@ -130,10 +150,10 @@ def _rebuild_parameter(data, *_rest) -> _Tensor:
 #: The only callables a pickle may name, and what stands in for them.
 GLOBALS = {
     ("collections", "OrderedDict"): OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+    ("torch._utils", "_rebuild_tensor_v2"): _Function(_rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor_v3"): _Function(_rebuild_tensor_v3),
     ("torch.storage", "UntypedStorage"): _StorageType("U8"),  # counted in bytes
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter"): _Function(_rebuild_parameter),
 }
 
 
@@ -193,11 +213,22 @@ def _not_a_zip(path: Path, head: bytes) -> CheckpointError:
     return CheckpointError("not a torch zip file", path)
 
 
+def _read_entry(archive: zipfile.ZipFile, name: str, path: Path) -> bytes:
+    """A small entry's bytes (data.pkl, byteorder): torch stores them plain; zipfile also inflates deflate and the like."""
+    info = archive.getinfo(name)
+    if info.flag_bits & 0x1:
+        raise CheckpointError(f"zip entry {name} is encrypted; torch stores it plain", path)
+    try:
+        return archive.read(info)
+    except (NotImplementedError, RuntimeError) as exc:  # a compression method or flag zipfile cannot read
+        raise CheckpointError(f"zip entry {name} cannot be read: {exc}; torch stores it plain", path) from None
+
+
 def _load_pickle(archive: zipfile.ZipFile, name: str, path: Path):
     info = archive.getinfo(name)
     if info.file_size > MAX_PICKLE:
         raise CheckpointError(f"{name} is {info.file_size} bytes, over the {MAX_PICKLE}-byte limit", path)
-    data = archive.read(name)
+    data = _read_entry(archive, name, path)
     try:
         return _StateDictUnpickler(io.BytesIO(data)).load()
     except _Refused as exc:
@@ -237,7 +268,7 @@ def _read_archive(archive: zipfile.ZipFile, f, path: Path, size: int) -> Header:
     if len(pickles) != 1:
         raise CheckpointError("not a torch zip file: no <archive>/data.pkl", path)
     prefix = pickles[0][: -len("data.pkl")]
-    if prefix + "byteorder" in entries and archive.read(prefix + "byteorder") != b"little":
+    if prefix + "byteorder" in entries and _read_entry(archive, prefix + "byteorder", path) != b"little":
         raise CheckpointError("big-endian storages are not supported", path)
     state = _load_pickle(archive, pickles[0], path)
     if not isinstance(state, dict):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import pickletools
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -12,9 +15,11 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from rmconvert import torch_zip
 from rmconvert.checkpoint import open_checkpoint
 from rmconvert.engine import convert
-from rmconvert.testing import save_as_bin
+from rmconvert.errors import CheckpointError
+from rmconvert.testing import save_as_bin, snapshot
 from rmconvert.torch_zip import read_torch_zip
 from rmconvert.validation import validate
 
@@ -85,6 +90,108 @@ def test_reader_maps_tensors_onto_the_file(tmp_path):
             )
     assert header.tensors["tied"].offset == header.tensors["embed"].offset
     assert header.tensors["row2"].offset == header.tensors["embed"].offset + 12 * 4
+
+
+def rewrite_bin(path: Path, edit_pickle=None, entry: str = "", **info) -> None:
+    """Rewrite the torch zip at ``path`` entry by entry: data.pkl through ``edit_pickle``; the central directory
+    record of the entry ending in ``/<entry>`` with the ZipInfo fields ``info`` (flag_bits, compress_type)."""
+    with zipfile.ZipFile(path) as z:
+        items = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in items:
+            z.writestr(name, edit_pickle(data) if edit_pickle and name.endswith("/data.pkl") else data)
+            if entry and name.endswith("/" + entry):
+                for field, value in info.items():
+                    setattr(z.getinfo(name), field, value)
+
+
+def with_build(data: bytes, opcode: str, arg: str | None, state: bytes, nth: int = 0) -> bytes:
+    """A pickle with a BUILD opcode setting ``state`` on what its ``nth`` ``opcode`` (with ``arg``) pushed."""
+    ops = list(pickletools.genops(data))
+    ends = [end for (op, a, _), (_, _, end) in itertools.pairwise(ops) if op.name == opcode and arg in (None, a)]
+    return data[: ends[nth]] + state + b"b" + data[ends[nth] :]
+
+
+def module_state() -> str:
+    """What a pickle must not alter in the reader's module: the globals it resolves, the functions' attributes."""
+    functions = [torch_zip._rebuild_tensor, torch_zip._rebuild_tensor_v3, torch_zip._rebuild_parameter]
+    return repr([torch_zip.GLOBALS, *({**vars(f), "defaults": f.__defaults__} for f in functions)])
+
+
+@pytest.mark.parametrize(
+    "opcode, arg, nth, state, kind",
+    [
+        ("GLOBAL", "torch float8_e4m3fn", 0, b"}Vdtype\nVBOGUS\ns", "Dtype"),  # was a KeyError traceback
+        ("GLOBAL", "torch.storage UntypedStorage", 0, b"}Vdtype\nVF64\ns", "StorageType"),  # one for the process
+        ("GLOBAL", "torch._utils _rebuild_tensor_v2", 0, b"}Vx\nI1\ns", "Function"),  # the function's __dict__
+        ("GLOBAL", "torch._utils _rebuild_tensor_v2", 0, b"N}V__defaults__\n(I0\nts\x86", "Function"),  # setattr
+        ("BINPERSID", None, 0, b"}Vnumel\nI1\ns", "Storage"),
+        ("REDUCE", None, 1, b"}Vshape\n(I1\nts", "Tensor"),  # REDUCE 0 is the f8 tensor's hooks, OrderedDict()
+    ],
+)
+def test_pickle_cannot_set_the_state_of_a_stand_in(tmp_path, opcode, arg, nth, state, kind):
+    """A BUILD on a dtype, storage type, function, storage or tensor is refused in one line, and alters nothing in
+    the module: a clean file read next in the same process reads as before."""
+    torch.save({"f8": torch.zeros(4, dtype=torch.float8_e4m3fn), "f32": torch.zeros(2)}, tmp_path / "clean.bin")
+    shutil.copy(tmp_path / "clean.bin", tmp_path / "evil.bin")
+    rewrite_bin(tmp_path / "evil.bin", lambda data: with_build(data, opcode, arg, state, nth))
+    before = module_state()
+    with pytest.raises(CheckpointError) as error:
+        read_torch_zip(tmp_path / "evil.bin")
+    assert str(error.value) == (
+        f"{tmp_path / 'evil.bin'}: the pickle sets the state of a {kind} (BUILD), which a state dict of tensors"
+        " does not need"
+    )
+    assert module_state() == before
+    tensors = read_torch_zip(tmp_path / "clean.bin").tensors
+    assert {name: (t.dtype, t.shape, t.nbytes) for name, t in tensors.items()} == {
+        "f8": ("F8_E4M3", (4,), 4),
+        "f32": ("F32", (2,), 8),
+    }
+
+
+@pytest.mark.parametrize("entry", ["data.pkl", "byteorder"])
+@pytest.mark.parametrize(
+    "info, problem",
+    [
+        ({"flag_bits": 0x1}, "is encrypted; torch stores it plain"),
+        ({"compress_type": 99}, "cannot be read: That compression method is not supported; torch stores it plain"),
+    ],
+)
+def test_unreadable_zip_entry_is_one_line(build, tmp_path, entry, info, problem):
+    """An encrypted entry, or one in a compression method zipfile lacks (was a RuntimeError or NotImplementedError
+    traceback): one line naming the file and the entry; the source unchanged, nothing at the destination."""
+    from click.testing import CliRunner
+
+    from rmconvert.cli import cli
+
+    src = save_as_bin(build("llama2"), tmp_path / "src")
+    rewrite_bin(src / "pytorch_model.bin", entry=entry, **info)
+    before = snapshot(src)
+    result = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert (
+        result.stderr == f"rmconvert: error: {src / 'pytorch_model.bin'}: zip entry pytorch_model/{entry} {problem}\n"
+    )
+    assert snapshot(src) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt, side_file", [("bin", False), ("safetensors", True)])
+def test_index_mapping_no_tensor_is_pickled_by_its_format(build, tmp_path, fmt, side_file):
+    """An index whose weight_map is {} reads no shard: whether the weights are pickles follows the index's format
+    (was shards[0]: an IndexError, or the value_head.bin side file), so validate reports RM042 only for .bin."""
+    src = Path(shutil.copytree(build("llama2", max_shard_size="100KB"), tmp_path / "src"))
+    if fmt == "bin":
+        src = save_as_bin(src, tmp_path / "bin")
+    index = src / ("pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json")
+    index.write_text(json.dumps({**json.loads(index.read_text()), "weight_map": {}}))
+    if side_file:
+        torch.save(
+            value_head(json.loads((src / "config.json").read_text())["hidden_size"], 0.0), src / "value_head.bin"
+        )
+    assert open_checkpoint(src).pickled == (fmt == "bin")
+    codes = {f.code for f in validate(src)}
+    assert "RM005" not in codes and ("RM042" in codes) == (fmt == "bin")
 
 
 # --- conversions ----------------------------------------------------------------------------------
