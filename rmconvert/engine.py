@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .dtypes import FLOAT_DTYPES, TORCH_NAMES
 from .errors import CheckpointError, OutputError, PluginError, UsageError
-from .head import default_init_std, mean_row_part, merged_mean_row_part, read_scalar, score_parts
+from .head import default_init_std, mean_row_part, merged_mean_row_parts, read_scalar, score_parts
 from .host import Registered, Registry, load_registry
 from .hub import resolve_source, snapshot_origin
 from .lora import file_hashes, is_adapter, plan_merge, read_adapter, resolve_base
@@ -345,9 +345,11 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     replaced = dict(merge.parts) if merge else {}
     if new_vocab > vocab:  # the old rows as they are, then the mean row for each new one
         old = replaced.get(embedding) or OutTensor.copy_of(emb)
-        mean = mean_row_part(emb) if old.parts == OutTensor.copy_of(emb).parts else merged_mean_row_part(old)
+        rows, mean = old.parts, mean_row_part(emb)
+        if old.parts != OutTensor.copy_of(emb).parts:  # merged by the writer: the mean taken as it merges
+            rows, mean = merged_mean_row_parts(old)
         replaced[embedding] = OutTensor(
-            embedding, emb.dtype, (new_vocab, hidden), (*old.parts, Repeat(mean, new_vocab - vocab))
+            embedding, emb.dtype, (new_vocab, hidden), (*rows, Repeat(mean, new_vocab - vocab))
         )
     std = options.init_std if options.init_std is not None else default_init_std(hidden)
     score_dtype = existing.dtype if existing else emb.dtype

@@ -55,17 +55,27 @@ def mean_row(embedding: TensorInfo, dtype: str) -> bytes:
         os.close(fd)
 
 
-def computed_mean_row(tensor: OutTensor) -> bytes:
-    """Mean of the rows of a tensor the writer computes (an embedding a LoRA adapter changed), as mean_row."""
-    data = b"".join(materialize(p) for p in tensor.parts)
-    row_bytes = len(data) // tensor.shape[0]
+def _rows_mean(data, tensor: OutTensor) -> bytes:
+    """Mean of the rows of ``data``, the bytes of ``tensor``, as mean_row (no copy of them)."""
+    data, row_bytes = memoryview(data), tensor.nbytes // tensor.shape[0]
     read = lambda start, count: data[start * row_bytes : (start + count) * row_bytes]
     return _mean(read, tensor.shape[0], row_bytes, tensor.shape[1], tensor.dtype, tensor.dtype)
 
 
-def merged_mean_row_part(tensor: OutTensor) -> Computed:
-    """The mean row of a computed embedding, computed by the writer of its shard."""
-    return Computed(partial(computed_mean_row, tensor), tensor.nbytes // tensor.shape[0])
+def merged_mean_row_parts(tensor: OutTensor) -> tuple[tuple, Computed]:
+    """The parts of a computed embedding (one a LoRA adapter changed) and the part of its mean row, as mean_row.
+
+    The writer takes the mean of the rows as it computes them, once (the mean row is written after them); the
+    mean part computes them again only if it is evaluated alone."""
+    means: list[bytes] = []
+
+    def rows() -> bytes:
+        data = b"".join(materialize(p) for p in tensor.parts) if len(tensor.parts) > 1 else materialize(tensor.parts[0])
+        means[:] = [_rows_mean(data, tensor)]
+        return data
+
+    mean = lambda: means[0] if means else _rows_mean(rows(), tensor)
+    return (Computed(rows, tensor.nbytes),), Computed(mean, tensor.nbytes // tensor.shape[0])
 
 
 def mean_row_part(embedding: TensorInfo) -> Computed:

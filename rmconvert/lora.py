@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -20,7 +19,7 @@ from .checkpoint import Checkpoint, check_links, read_json, read_weights, requir
 from .dtypes import FLOAT_DTYPES
 from .errors import CheckpointError
 from .hub import resolve_source
-from .lora_merge import Delta, merged_bytes
+from .lora_merge import Delta, merged_bytes, read_range
 from .safetensors_io import Computed, OutTensor, TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -275,10 +274,19 @@ def _deltas(adapter: Adapter, ckpt: Checkpoint) -> dict[str, tuple[str, Delta]]:
                 raise _fits(adapter, f"the DoRA magnitude is {list(magnitude.shape)}, not [{rows}]", key)
         out[name] = (module, Delta(a, b, scale, transposed, magnitude))
         if "lora_B.bias" in found:
-            bias = _base_name(ckpt, module + ".bias")
+            bias, lora_bias = _base_name(ckpt, module + ".bias"), found["lora_B.bias"]
             if bias is None:
                 raise _fits(adapter, "has a LoRA bias (lora_bias) but BASE's layer has no bias", key)
-            out[bias] = (module, Delta(a, found["lora_B.bias"], scale, False))  # DoRA leaves the bias as LoRA does
+            base_bias = ckpt.tensors[bias]
+            floats = lora_bias.dtype in FLOAT_DTYPES and base_bias.dtype in FLOAT_DTYPES
+            if lora_bias.shape != (b.shape[0],) or base_bias.shape != lora_bias.shape or not floats:
+                raise _fits(
+                    adapter,
+                    f"the LoRA bias is {lora_bias.dtype}{list(lora_bias.shape)} but BASE's {bias} is"
+                    f" {base_bias.dtype}{list(base_bias.shape)}: the adapter does not fit this model",
+                    key,
+                )
+            out[bias] = (module, Delta(a, lora_bias, scale, False))  # DoRA leaves the bias as LoRA does
     return out
 
 
@@ -322,7 +330,6 @@ def plan_merge(adapter: Adapter, ckpt: Checkpoint, embedding: str) -> Merge:
     """What merging ``adapter`` into ``ckpt`` writes, planned from headers; raises CheckpointError on a misfit."""
     _check_model_type(adapter, ckpt)
     _check_targets(adapter, ckpt)
-    deltas = _deltas(adapter, ckpt)
     tensors, config = dict(ckpt.tensors), ckpt.config
     parts: dict[str, OutTensor] = {}
     replaced, head = [], None
@@ -368,6 +375,8 @@ def plan_merge(adapter: Adapter, ckpt: Checkpoint, embedding: str) -> Merge:
             )
         if head is not None:  # the adapter's head defines the labels
             config = {k: v for k, v in config.items() if k not in ("id2label", "label2id", "num_labels")}
+    # onto the tensors the adapter saved whole: LoRA on embed_tokens of a resized vocabulary saves its base layer
+    deltas = _deltas(adapter, replace(ckpt, config=config, tensors=tensors))
     for name, (_, delta) in deltas.items():
         base = tensors[name]
         parts[name] = OutTensor(
@@ -381,14 +390,10 @@ def tensor_bytes(tensor: OutTensor) -> bytes:
     """All bytes of a planned tensor (byte ranges read, computed parts computed), for validate."""
     from .safetensors_io import ByteRange, materialize
 
-    chunks = []
-    for part in tensor.parts:
-        if isinstance(part, ByteRange):
-            with open(part.path, "rb") as f:
-                chunks.append(os.pread(f.fileno(), part.length, part.offset))
-        else:
-            chunks.append(materialize(part))
-    return b"".join(chunks)
+    chunks = [
+        read_range(p.path, p.offset, p.length) if isinstance(p, ByteRange) else materialize(p) for p in tensor.parts
+    ]
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def file_hashes(adapter: Adapter) -> dict[str, str]:

@@ -31,18 +31,25 @@ class Delta:
 TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
+def read_range(path, offset: int, length: int, buffer: bytearray | None = None) -> bytearray:
+    """``length`` bytes at ``offset`` of ``path``, into ``buffer`` (or a new one), however many reads that takes
+    (Linux reads at most 0x7ffff000 bytes at a time)."""
+    buffer = bytearray(length) if buffer is None else buffer
+    view, done = memoryview(buffer)[:length], 0
+    with open(path, "rb") as f:
+        while done < length:
+            n = os.preadv(f.fileno(), [view[done:]], offset + done)
+            if n == 0:
+                raise CheckpointError("file shrank while being read", path)
+            done += n
+    return buffer
+
+
 def _read(info: TensorInfo, buffer: bytearray | None = None):
     """A tensor's bytes from disk as a torch tensor of its dtype and shape, in ``buffer`` (or its own memory)."""
     import torch
 
-    buffer = bytearray(info.nbytes) if buffer is None else buffer
-    view, done = memoryview(buffer)[: info.nbytes], 0
-    with open(info.path, "rb") as f:
-        while done < info.nbytes:
-            n = os.preadv(f.fileno(), [view[done:]], info.offset + done)
-            if n == 0:
-                raise CheckpointError("file shrank while being read", info.path)
-            done += n
+    buffer = read_range(info.path, info.offset, info.nbytes, buffer)
     dtype = getattr(torch, TORCH_DTYPES[info.dtype])
     if not info.nbytes:
         return torch.empty(info.shape, dtype=dtype)
@@ -162,10 +169,10 @@ def _dora(weight, update, delta: Delta):
     import torch
 
     flip = (lambda t: t.T) if delta.transposed else (lambda t: t)
-    norm_input = flip(weight) + 1 * flip(update)
-    norm = torch.linalg.norm(norm_input, dim=1).to(norm_input.dtype)
+    total = weight + update  # PEFT adds it twice, flipped for the norm: the same bits
+    norm = torch.linalg.norm(flip(total), dim=1).to(total.dtype)
     factor = flip((_read(delta.magnitude).to(update.dtype) / norm).view(-1, 1))
-    return (factor * (weight + update)).to(weight.dtype)
+    return (factor * total).to(weight.dtype)
 
 
 def merged_bytes(base: TensorInfo, delta: Delta) -> memoryview:

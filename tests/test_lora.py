@@ -98,6 +98,8 @@ CASES = {
         "alpha_pattern": {"up_proj": 3, "layers.0.self_attn.q_proj": 20}}),
     "causal-embedding-lora-vocab-grows": ("llama2", "CAUSAL_LM", 1, "float32", {
         "r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "o_proj"]}),
+    "causal-embedding-lora-resized-vocab": ("llama2", "CAUSAL_LM", 1, "float32", {
+        "r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "o_proj"], "vocab_size": 301}),
     "seqcls-score": ("llama3", "SEQ_CLS", 1, "float32", {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}),
     "seqcls-2-labels-bf16": ("llama3-bf16", "SEQ_CLS", 2, "bfloat16", {"r": 4, "lora_alpha": 8,
                              "target_modules": ["k_proj", "o_proj"]}),
@@ -142,7 +144,7 @@ def test_merge_is_bit_identical_to_peft(case, tmp_path):
     if vocab_size:  # the adapter's bigger embedding, then the vocabulary rules on the new size
         assert ours[EMBEDDING].shape[0] == 304 and report["vocab"]["from"] == vocab_size
         assert json.loads((tmp_path / "rm" / "config.json").read_text())["vocab_size"] == 304
-    if name == "causal-embedding-lora-vocab-grows":  # new rows: the mean of the merged rows
+    if "embedding-lora" in name:  # new rows: the mean of the merged rows
         emb = ours[EMBEDDING]
         assert report["vocab"]["added_rows"] > 0
         torch.testing.assert_close(emb[-1], emb[: report["vocab"]["from"]].double().mean(0).float())
@@ -320,3 +322,73 @@ def test_base_named_by_a_hub_repo_id(bases, tmp_path):
     assert {k: v for k, v in snapshot(tmp_path / "from-hub").items() if k != "rmconvert.json"} == {
         k: v for k, v in snapshot(tmp_path / "local").items() if k != "rmconvert.json"
     }
+
+
+@pytest.mark.parametrize(
+    "bias, problem",
+    [
+        (lambda b: b[:1], "the LoRA bias is F32[1] but BASE's transformer.h.0.attn.c_attn.bias is F32[192]"),
+        (lambda b: b[:-1], "the LoRA bias is F32[191] but BASE's transformer.h.0.attn.c_attn.bias is F32[192]"),
+        (
+            lambda b: b.to(torch.int64),
+            "the LoRA bias is I64[192] but BASE's transformer.h.0.attn.c_attn.bias is F32[192]",
+        ),
+    ],
+    ids=["one-element", "one-short", "int64"],
+)
+def test_lora_bias_that_does_not_fit_is_refused(bases, tmp_path, bias, problem):
+    """A ``lora_B.bias`` of another shape (a [1] one would broadcast) or of an integer dtype: one line, exit 1."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = build_adapter(bases["gpt2"], tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["c_attn"],
+                            fan_in_fan_out=True, lora_bias=True)  # fmt: skip
+    held = load_file(adapter / "adapter_model.safetensors")
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_B.bias"
+    save_file({**held, key: bias(held[key]).contiguous()}, adapter / "adapter_model.safetensors")
+    result = CliRunner().invoke(cli, ["convert", str(bases["gpt2"]), str(tmp_path / "rm"), "--adapter", str(adapter)])
+    assert result.exit_code == 1 and "Traceback" not in result.output + result.stderr, result.output + result.stderr
+    where = f"{adapter / 'adapter_model.safetensors'}: base_model.model.transformer.h.0.attn.c_attn"
+    assert result.stderr.splitlines() == [f"rmconvert: error: {where}: {problem}: the adapter does not fit this model"]
+    assert not (tmp_path / "rm").exists()
+
+
+def test_grown_embedding_is_merged_once(bases, tmp_path, monkeypatch):
+    """A LoRA-merged embedding whose vocabulary grows: the writer merges it once and takes the mean row from those
+    rows (the bytes PEFT's merge gives), not a second merge of the whole embedding."""
+    import rmconvert.lora_merge
+
+    merges, merged = [], rmconvert.lora_merge.merged
+    monkeypatch.setattr(
+        rmconvert.lora_merge, "merged", lambda base, delta: merges.append(base.name) or merged(base, delta)
+    )
+    base = bases["llama2"]
+    adapter = build_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["embed_tokens", "v_proj"])
+    report = convert(base, tmp_path / "rm", adapter)
+    assert report["vocab"]["added_rows"] > 0
+    assert merges.count(EMBEDDING) == 1 and len(merges) == report["adapter"]["merged"]
+    reference = peft_merged(base, adapter, "CAUSAL_LM", 1, "float32")
+    assert EMBEDDING in assert_merged_like_peft(tmp_path / "rm", base, reference, adapter)
+    emb = tensors(tmp_path / "rm")[EMBEDDING]
+    torch.testing.assert_close(emb[-1], emb[: report["vocab"]["from"]].double().mean(0).float())
+    # the mean row alone (its rows not computed first) is the same row
+    from rmconvert.checkpoint import open_checkpoint
+    from rmconvert.head import merged_mean_row_parts
+    from rmconvert.lora import plan_merge, read_adapter
+
+    ckpt = open_checkpoint(base)
+    _, mean = merged_mean_row_parts(plan_merge(read_adapter(adapter), ckpt, EMBEDDING).parts[EMBEDDING])
+    assert mean() == emb[-1].numpy().tobytes()
+
+
+def test_tensor_bytes_reads_past_2_gib(tmp_path):
+    """validate reads a tensor the adapter saved whole in full: Linux reads at most 0x7ffff000 bytes at a time."""
+    from rmconvert.lora import tensor_bytes
+    from rmconvert.safetensors_io import ByteRange, OutTensor
+
+    length = 0x7FFFF000 + 4096
+    with open(tmp_path / "big", "wb") as f:  # sparse: zeros, then a tail that must be read too
+        f.truncate(16 + length - 8)
+        f.seek(16 + length - 8)
+        f.write(b"the tail")
+    data = tensor_bytes(OutTensor("big", "U8", (length,), (ByteRange(tmp_path / "big", 16, length),)))
+    assert len(data) == length and data[-8:] == b"the tail"
