@@ -1,7 +1,8 @@
 """Hub ids as sources: ``org/name`` (at a revision) resolved to a snapshot directory of the Hugging Face cache.
 
 Offline (``HF_HUB_OFFLINE=1``) the snapshot comes from the cache; online only the files a conversion reads are
-downloaded (config, generation config, tokenizer files, model card and license, the weights of one format).
+downloaded (config, generation config, tokenizer files, model card and license, the weights of one format, a
+value-head side file).
 Everything else in rmconvert sees a local directory. huggingface_hub is imported only for a repo id.
 """
 
@@ -13,7 +14,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from .checkpoint import read_json
+from .checkpoint import BIN_SINGLE, FORMATS, SINGLE, VALUE_HEAD_FILES, read_json
 from .errors import CheckpointError, UsageError
 
 #: Files a conversion reads or carries over besides the weights (top level of the repo only).
@@ -39,11 +40,6 @@ METADATA = frozenset(
 )
 #: Also carried over: tiktoken vocabularies, license and notice files.
 METADATA_PATTERN = re.compile(r"[^/]+\.tiktoken|(LICENSE|NOTICE)[^/]*")
-#: Weight formats in order of preference (as transformers): each (single file, shard index).
-WEIGHT_FORMATS = (
-    ("model.safetensors", "model.safetensors.index.json"),
-    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
-)
 NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 MAX_REPO_ID = 96  # huggingface_hub's limit
 
@@ -121,7 +117,7 @@ def weights_of(repo_files: Iterable[str]) -> str | None:
     """The weights a conversion reads among ``repo_files``: the shard index or single file of safetensors, else of
     PyTorch ``.bin``; None when there are neither."""
     files = set(repo_files)
-    for single, index in WEIGHT_FORMATS:
+    for index, single, _ in FORMATS:
         if index in files:
             return index
         if single in files:
@@ -129,8 +125,14 @@ def weights_of(repo_files: Iterable[str]) -> str | None:
     return None
 
 
+def value_head_of(repo_files: Iterable[str]) -> str | None:
+    """The value-head side file a conversion reads among ``repo_files`` (the first of VALUE_HEAD_FILES), or None."""
+    files = set(repo_files)
+    return next((name for name in VALUE_HEAD_FILES if name in files), None)
+
+
 def files_to_fetch(repo_files: Iterable[str], weight_map: dict | None = None) -> list[str]:
-    """The files of a repo a conversion reads: metadata at the top level, and the weights of one format.
+    """The files of a repo a conversion reads: metadata at the top level, the weights of one format and a value head.
 
     For a sharded checkpoint, the shards are the files ``weight_map`` (of the chosen index) names; without it,
     only the index. Other weight formats, subfolders and unrelated files are never fetched.
@@ -138,8 +140,7 @@ def files_to_fetch(repo_files: Iterable[str], weight_map: dict | None = None) ->
     files = set(repo_files)
     chosen = {name for name in files if name in METADATA or METADATA_PATTERN.fullmatch(name)}
     weights = weights_of(files)
-    if weights is not None:
-        chosen.add(weights)
+    chosen |= {name for name in (weights, value_head_of(files)) if name is not None}
     if weights is not None and weights.endswith(".index.json") and weight_map:
         chosen |= {name for name in weight_map.values() if isinstance(name, str) and name in files}
     return sorted(chosen)
@@ -180,12 +181,14 @@ def _from_cache(repo_id: str, revision: str | None, why: str) -> Path:
         ) from None
     files = os.listdir(folder)
     weights = weights_of(files)
-    missing = [name for name in ("config.json",) if name not in files]
+    wanted = ("config.json", value_head_of(_listed(repo_id, revision)))  # a listed value head must be cached
+    missing = [name for name in wanted if name is not None and name not in files]
     if weights is None:
-        missing.append(WEIGHT_FORMATS[0][0])
+        missing.append(SINGLE)
     elif weights.endswith(".index.json"):
-        weight_map = read_json(folder / weights).get("weight_map") or {}
-        missing += sorted({n for n in weight_map.values() if isinstance(n, str)} - set(files))
+        weight_map = read_json(folder / weights).get("weight_map")  # not an object: open_checkpoint says so
+        if isinstance(weight_map, dict):
+            missing += sorted({n for n in weight_map.values() if isinstance(n, str)} - set(files))
     if missing:
         raise CheckpointError(
             f"the Hugging Face cache holds only part of revision {revision or 'main'!r} ({folder}; no {missing[0]})"
@@ -193,6 +196,17 @@ def _from_cache(repo_id: str, revision: str | None, why: str) -> Path:
             repo_id,
         )
     return folder
+
+
+def _listed(repo_id: str, revision: str | None) -> list[str]:
+    """The repo's files as the cache recorded them when it was downloaded; none when it did not (huggingface_hub
+    before 1.x, or files fetched one by one): the snapshot is then read as it is."""
+    try:
+        from huggingface_hub import get_cached_repo_tree
+
+        return [entry.path for entry in get_cached_repo_tree(repo_id, revision=revision)]
+    except Exception:  # noqa: BLE001 (an older huggingface_hub, no listing cached, an unreadable one)
+        return []
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
@@ -213,8 +227,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
     weights = weights_of(files)
     if weights is None or "config.json" not in files:
         raise CheckpointError(
-            f"revision {revision or 'main'!r} has no config.json, or no {WEIGHT_FORMATS[0][0]},"
-            f" {WEIGHT_FORMATS[1][0]} or shard index, at the top of the repo: not a transformers checkpoint",
+            f"revision {revision or 'main'!r} has no config.json, or no {SINGLE},"
+            f" {BIN_SINGLE} or shard index, at the top of the repo: not a transformers checkpoint",
             repo_id,
         )
     try:  # by revision, not commit: huggingface_hub then records refs/<revision> for later offline runs

@@ -17,8 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote
 
+import numpy as np
 import pytest
 from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download, try_to_load_from_cache
+from safetensors.numpy import load_file, save_file
 
 from rmconvert.hub import files_to_fetch, repo_id_problem, revision_problem, weights_of
 from rmconvert.testing import LFS_SUFFIXES, add_to_hub_cache, git_blob_id, snapshot
@@ -282,6 +284,25 @@ def test_partial_cache_offline(hub, tmp_path, cwd):
     )
 
 
+def test_cached_index_with_a_weight_map_that_is_not_an_object_offline(hub, tmp_path, cwd):
+    """The index of a cached snapshot whose weight_map is a list: one line naming it, as for a local directory."""
+    cache, _, snaps = hub
+    damaged = tmp_path / "cache"
+    shutil.copytree(
+        cache / "models--tiny-org--llama2-sharded", damaged / "models--tiny-org--llama2-sharded", symlinks=True
+    )
+    index = damaged / snaps[SHARDED, "main"].relative_to(cache) / INDEX
+    index.unlink()
+    problem = "weight_map must map tensor names to file names"
+    for weight_map in ([], [SHARDS[0]], "model-00001-of-00002.safetensors"):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        assert_one_error(run("convert", SHARDED, tmp_path / "rm", cache=damaged, cwd=cwd), str(index), problem)
+        assert not (tmp_path / "rm").exists()
+        checked = run("validate", SHARDED, cache=damaged, cwd=cwd)
+        assert checked.returncode == 1 and "Traceback" not in checked.stderr, checked.stderr
+        assert any(line.startswith("RM001") and problem in line for line in checked.stdout.splitlines()), checked
+
+
 def test_unreachable_hub_falls_back_to_the_cache(hub, tmp_path, cwd):
     """Online but the endpoint refuses connections: the cached snapshot is used, as huggingface_hub does; a repo
     that is not cached is one line naming it."""
@@ -324,6 +345,10 @@ FETCHED = [
     pytest.param([*LICENSE_AND_TOKENIZER, "sub/tokenizer.json", "notes.txt", SINGLE], None,
                  [*LICENSE_AND_TOKENIZER, SINGLE], id="tokenizer-and-license-files"),
     pytest.param([*METADATA, *UNRELATED], None, METADATA, id="no-weights"),
+    pytest.param([*METADATA, SINGLE, "value_head.bin", "value_head.safetensors", "sub/value_head.bin"], None,
+                 [*METADATA, SINGLE, "value_head.safetensors"], id="value-head-safetensors-first"),
+    pytest.param([*METADATA, INDEX, *SHARDS, "value_head.bin", *UNRELATED], {"a": SHARDS[0]},
+                 [*METADATA, INDEX, SHARDS[0], "value_head.bin"], id="value-head-bin"),
 ]
 # fmt: on
 
@@ -591,3 +616,68 @@ def test_a_destination_that_cannot_be_written_fails_before_any_download(online, 
     assert server.downloads == []
     assert (occupied / "keep.txt").read_text() == "mine" and sorted(p.name for p in occupied.iterdir()) == ["keep.txt"]
     assert not cache.exists() or not any(cache.rglob("*.safetensors"))
+
+
+# --- a value head saved beside the weights (LlamaFactory, ms-swift) -----------------------------
+
+VALUE_HEAD_REPO = "tiny-org/llama2-value-head"
+
+
+@pytest.fixture(scope="module")
+def value_head_source(build, tmp_path_factory) -> Path:
+    """llama2 with a trained value head in value_head.safetensors beside model.safetensors."""
+    src = Path(shutil.copytree(build("llama2"), tmp_path_factory.mktemp("value-head") / "src"))
+    hidden = json.loads((src / "config.json").read_text())["hidden_size"]
+    weight = np.random.default_rng(1).standard_normal((1, hidden), dtype=np.float32)
+    head = {"v_head.summary.weight": weight, "v_head.summary.bias": np.zeros(1, np.float32)}
+    save_file(head, src / "value_head.safetensors", metadata={"format": "pt"})
+    return src
+
+
+def assert_value_head_kept(dst: Path, src: Path) -> None:
+    """DST was converted from a value-head model: its score head is the value head's weight, byte for byte."""
+    assert json.loads((dst / "rmconvert.json").read_text())["result"]["source_kind"] == "value-head model"
+    head = load_file(src / "value_head.safetensors")["v_head.summary.weight"]
+    assert load_file(dst / SINGLE)["score.weight"].tobytes() == head.tobytes()
+
+
+def test_a_value_head_file_is_fetched_and_read_from_the_cache(online, value_head_source, tmp_path, cwd):
+    """Online, offline from the cache that download left, and offline from a cache with no record of the repo's
+    file list: the same output as converting the directory, the trained value head as score."""
+    server, cache, env = online
+    server.add(VALUE_HEAD_REPO, files_of(value_head_source))
+    local = converted(value_head_source, tmp_path / "local", cache, cwd)
+    assert_value_head_kept(tmp_path / "local", value_head_source)
+    result = run("convert", VALUE_HEAD_REPO, tmp_path / "online", cache=cache, cwd=cwd, **env)
+    assert result.returncode == 0, result.stderr
+    assert "value_head.safetensors" in server.downloads
+    assert output_of(tmp_path / "online") == local
+    assert converted(VALUE_HEAD_REPO, tmp_path / "offline", cache, cwd) == local
+    unlisted = tmp_path / "unlisted-cache"
+    add_to_hub_cache(value_head_source, unlisted, VALUE_HEAD_REPO)
+    assert converted(VALUE_HEAD_REPO, tmp_path / "unlisted", unlisted, cwd) == local
+
+
+def test_a_cached_repo_missing_its_listed_value_head_file_offline(online, value_head_source, tmp_path, cwd):
+    """A cache that records the repo's files but lacks its value head (downloaded without it): offline, one line
+    naming the file; online, the value head alone is fetched and the conversion keeps it."""
+    server, cache, env = online
+    server.add(VALUE_HEAD_REPO, files_of(value_head_source))
+    snap = Path(snapshot_download(VALUE_HEAD_REPO, cache_dir=cache, endpoint=server.endpoint))
+    blob = (snap / "value_head.safetensors").resolve()
+    (snap / "value_head.safetensors").unlink()
+    blob.unlink()
+    result = run("convert", VALUE_HEAD_REPO, tmp_path / "rm", cache=cache, cwd=cwd)
+    assert_one_error(
+        result,
+        VALUE_HEAD_REPO,
+        "the Hugging Face cache holds only part of revision 'main'",
+        "no value_head.safetensors",
+        f"`hf download {VALUE_HEAD_REPO}`",
+    )
+    assert not (tmp_path / "rm").exists()
+    server.downloads.clear()
+    again = run("convert", VALUE_HEAD_REPO, tmp_path / "rm", cache=cache, cwd=cwd, **env)
+    assert again.returncode == 0, again.stderr
+    assert server.downloads == ["value_head.safetensors"]
+    assert output_of(tmp_path / "rm") == converted(value_head_source, tmp_path / "local", cache, cwd)
