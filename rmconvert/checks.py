@@ -50,7 +50,7 @@ def openrlhf(s: Subject) -> Iterator[Finding]:
 
 def value_head(s: Subject) -> Iterator[Finding]:
     weight, bias = s.ckpt.tensors.get(VALUE_HEAD + "weight"), s.ckpt.tensors.get(VALUE_HEAD + "bias")
-    if weight is not None and "score.weight" not in s.ckpt.tensors:
+    if weight is not None and s.score_name not in s.ckpt.tensors:
         yield s.finding(
             "RM015",
             weight.path.name,

@@ -106,7 +106,7 @@ class Plan:
     report: dict = field(default_factory=dict)
 
 
-def _head_tensor(ckpt: Checkpoint, score: str) -> str:
+def head_tensor(ckpt: Checkpoint, score: str) -> str:
     """Name of an existing reward head: ``score`` (the architecture's), OpenRLHF's ``<value_head_prefix>.weight``, or TRL's
     value head ``v_head.summary.weight`` (inline, or in a value_head file beside the weights)."""
     prefix = ckpt.config.get("value_head_prefix")
@@ -315,7 +315,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         merge = plan_merge(adapter, ckpt, embedding)
         ckpt = merge.checkpoint
     score_name = arch.score_name(ckpt.model_type)
-    head = _head_tensor(ckpt, score_name)
+    head = head_tensor(ckpt, score_name)
     value_head = head.startswith(VALUE_HEAD)
     vocab, hidden = _check_shapes(ckpt, arch, embedding, head)
     bias = _value_head_bias(ckpt, hidden) if value_head else None

@@ -51,3 +51,8 @@ class Interrupted(RMConvertError):
     """The run was stopped by SIGINT or SIGTERM; nothing was left behind."""
 
     exit_code = ExitCode.INTERRUPTED
+
+
+def summary(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one line: ``Type: the first line of its message`` (at most ``limit`` characters of it)."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:limit]}"

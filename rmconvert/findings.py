@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .architecture import Architecture
 from .checkpoint import Checkpoint, text_config
-from .errors import CheckpointError
+from .errors import CheckpointError, summary
 from .host import Registry
 from .tokenizer_files import TokenizerFiles
 
@@ -245,8 +245,7 @@ class Subject:
         and the exception's message."""
         where = getattr(exc, "path", None) or getattr(exc, "filename", None)
         file = Path(str(where)).name if where is not None else str(self.path)
-        message = (str(exc).splitlines() or [""])[0][:300]
-        return self.finding("RM005", file, check, f"{type(exc).__name__}: {message}")
+        return self.finding("RM005", file, check, summary(exc))
 
     def finding(self, code: str, file: str, where: str, message: str) -> Finding:
         """A finding of a built-in code, with its severity and fix hint."""

@@ -45,7 +45,7 @@ def read_range(path, offset: int, length: int, buffer: bytearray | None = None) 
     return buffer
 
 
-def _read(info: TensorInfo, buffer: bytearray | None = None):
+def read_tensor(info: TensorInfo, buffer: bytearray | None = None):
     """A tensor's bytes from disk as a torch tensor of its dtype and shape, in ``buffer`` (or its own memory)."""
     import torch
 
@@ -69,13 +69,13 @@ def merged(base: TensorInfo, delta: Delta):
     import torch
 
     _return_big_blocks()
-    weight = _read(base, _weight_buffer(base.nbytes))
+    weight = read_tensor(base, _weight_buffer(base.nbytes))
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    b = _read(delta.b).to(compute)
+    b = read_tensor(delta.b).to(compute)
     if len(base.shape) == 1:  # lora_bias: bias += lora_B.bias * scaling
         weight += b * delta.scale
         return weight
-    a = _read(delta.a).to(compute)
+    a = read_tensor(delta.a).to(compute)
     if delta.magnitude is not None:
         product = b @ a
         return _dora(weight, (product.T if delta.transposed else product) * delta.scale, delta)
@@ -171,7 +171,7 @@ def _dora(weight, update, delta: Delta):
     flip = (lambda t: t.T) if delta.transposed else (lambda t: t)
     total = weight + update  # PEFT adds it twice, flipped for the norm: the same bits
     norm = torch.linalg.norm(flip(total), dim=1).to(total.dtype)
-    factor = flip((_read(delta.magnitude).to(update.dtype) / norm).view(-1, 1))
+    factor = flip((read_tensor(delta.magnitude).to(update.dtype) / norm).view(-1, 1))
     return (factor * total).to(weight.dtype)
 
 

@@ -8,11 +8,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .checkpoint import VALUE_HEAD, open_checkpoint
-from .errors import CheckpointError
+from .engine import head_tensor
+from .errors import CheckpointError, summary
 from .findings import CODES, Finding, Subject
 from .host import Registry
+from .lora_merge import TORCH_DTYPES, read_range, read_tensor
+from .pad import _ids
 from .reward_head import accepted
 from .safetensors_io import TensorInfo
+from .tokenizer_files import TOKENIZER_CONFIG
 
 PROBE_TEXTS = ("the answer is good and helpful", "no", "hello world, is the reward model honest?")
 CHUNK = 16 << 20
@@ -73,7 +77,7 @@ def _probe_ids(s: Subject, vocab_size: int) -> tuple[list[list[int]], int | None
 
 def _vocabulary_ids(s: Subject, vocab_size: int) -> list[list[int]]:
     """Probe sequences as long as the probe texts' words, of ids spread over the vocabulary, no special token."""
-    specials = {s.text_config.get(k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    specials = {i for k in ("pad_token_id", "bos_token_id", "eos_token_id") for i in _ids(s.text_config.get(k))}
     if s.tokenizer is not None:
         specials |= {s.tokenizer.special_id(role) for role in ("pad", "bos", "eos", "unk")}
     plain = [i for i in range(vocab_size) if i not in specials] or list(range(vocab_size))
@@ -100,8 +104,7 @@ def positions(attention_mask):
 
 
 def _load_failed(s: Subject, exc: Exception) -> Finding:
-    first_line = (str(exc).splitlines() or [""])[0][:300]
-    return s.finding("RM103", "config.json", "", f"{type(exc).__name__}: {first_line}")
+    return s.finding("RM103", "config.json", "", summary(exc))
 
 
 def loaded(s: Subject) -> Iterator[Finding]:
@@ -125,8 +128,16 @@ def loaded(s: Subject) -> Iterator[Finding]:
     if keys or type(pad) is not int:
         return
     model.eval()
-    singles, tokenizer_pad = _probe_ids(s, model.get_input_embeddings().num_embeddings)
+    rows = model.get_input_embeddings().num_embeddings
+    singles, tokenizer_pad = _probe_ids(s, rows)
+    if tokenizer_pad is not None and not 0 <= tokenizer_pad < rows:
+        yield s.finding(
+            "RM031", TOKENIZER_CONFIG, "/pad_token", f"pad id {tokenizer_pad}; the embedding has {rows} rows"
+        )
+        return
     pad = pad if tokenizer_pad is None else tokenizer_pad  # what the tokenizer pads with is what users get
+    if not 0 <= pad < rows:
+        return  # RM031 or RM022 of the static checks
     with torch.no_grad():
         alone = torch.cat([model(torch.tensor([ids]), **accepted(model, use_cache=False)).logits for ids in singles])
         for side in ("right",) if s.right_padding_only else ("right", "left"):
@@ -140,24 +151,23 @@ def loaded(s: Subject) -> Iterator[Finding]:
 
 def _reinitialised(s: Subject, model) -> Iterator[Finding]:
     """RM127 for each parameter that loaded with values other than the stored tensor of its name (a class
-    whose weight initialisation writes over loaded weights). Tensors renamed or fused on load are not compared."""
+    whose weight initialisation writes over loaded weights). Tensors renamed or fused on load, or not of a float
+    dtype, are not compared. Reads safetensors and ``.bin`` alike, one tensor at a time."""
     import torch
-    from safetensors import safe_open
 
     parameters = dict(model.named_parameters())
-    by_file: dict[Path, list[str]] = {}
-    for name, info in s.ckpt.tensors.items():
-        if name in parameters and tuple(parameters[name].shape) == tuple(info.shape):
-            by_file.setdefault(info.path, []).append(name)
-    for path, names in sorted(by_file.items()):
-        with safe_open(path, framework="pt") as f:
-            for name in sorted(names):
-                stored, ours = f.get_tensor(name), parameters[name].detach()
-                if not torch.equal(stored.to(ours.dtype), ours):
-                    rows = (stored.to(ours.dtype) != ours).reshape(len(ours), -1).any(-1).nonzero().flatten().tolist()
-                    diff = (stored.double() - ours.double()).abs().max().item()
-                    where = f"rows {rows[:5]}{'...' if len(rows) > 5 else ''} of {len(ours)}" if ours.dim() else ""
-                    yield s.finding("RM127", path.name, name, f"max |loaded - stored| {diff:.3g}; {where}")
+    for name, info in sorted(s.ckpt.tensors.items(), key=lambda item: (item[1].path, item[0])):
+        ours = parameters.get(name)
+        if ours is None or tuple(ours.shape) != tuple(info.shape) or info.dtype not in TORCH_DTYPES:
+            continue
+        stored, ours = read_tensor(info), ours.detach()
+        if not torch.equal(stored.to(ours.dtype), ours):
+            diff = (stored.double() - ours.double()).abs().max().item()
+            where = ""
+            if ours.dim():
+                rows = (stored.to(ours.dtype) != ours).reshape(ours.shape[0], -1).any(-1).nonzero().flatten().tolist()
+                where = f"; rows {rows[:5]}{'...' if len(rows) > 5 else ''} of {ours.shape[0]}"
+            yield s.finding("RM127", info.path.name, name, f"max |loaded - stored| {diff:.3g}{where}")
 
 
 def _same_bytes(a: TensorInfo, b: TensorInfo, length: int) -> bool:
@@ -189,9 +199,8 @@ def _merged_findings(s: Subject, ours: TensorInfo, expected) -> list[Finding]:
     data = tensor_bytes(expected)
     if ours.shape[1:] != expected.shape[1:] or ours.nbytes < len(data):
         return [s.finding("RM125", ours.path.name, ours.name, f"{list(expected.shape)} -> {list(ours.shape)}")]
-    with open(ours.path, "rb") as f:
-        if os.pread(f.fileno(), len(data), ours.offset) != data:
-            return [s.finding("RM125", ours.path.name, ours.name, "bytes differ from a fresh merge of the adapter")]
+    if read_range(ours.path, ours.offset, len(data)) != data:
+        return [s.finding("RM125", ours.path.name, ours.name, "bytes differ from a fresh merge of the adapter")]
     return []
 
 
@@ -208,8 +217,10 @@ def against_source(
     arch = s.architecture
     embedding = arch.embedding_name(s.ckpt) if arch else None
     findings = []
-    dropped = (arch.dropped(src) if arch else set()) | {s.score_name, "value_head.weight"}
-    dropped |= {n for n in src.tensors if n.startswith("v_head.")}  # a TRL value head became the score head
+    head = head_tensor(src, s.score_name)  # the head the conversion replaced, as the engine finds it
+    dropped = (arch.dropped(src) if arch else set()) | {head}
+    if head.startswith(VALUE_HEAD):
+        dropped |= {n for n in src.tensors if n.startswith("v_head.")}  # the bias goes too
     for name, theirs in sorted(src.tensors.items()):
         if name in dropped:
             continue
@@ -229,17 +240,17 @@ def against_source(
     return findings
 
 
-def _value_head_weight(src):
-    """A TRL value head's weight [1, H] as a float32 tensor (its bias is what the conversion drops), or None."""
+def _value_head_weight(src, score: str):
+    """A TRL value head's weight [1, H] as a float32 tensor (its bias is what the conversion drops), or None
+    when the conversion took another head (``score``, the architecture's, or OpenRLHF's)."""
     import torch
 
     from .dtypes import decode
 
     info = src.tensors.get(VALUE_HEAD + "weight")
-    if info is None or "score.weight" in src.tensors:
+    if info is None or head_tensor(src, score) != info.name:
         return None
-    with open(info.path, "rb") as f:
-        raw = os.pread(f.fileno(), info.nbytes, info.offset)
+    raw = bytes(read_range(info.path, info.offset, info.nbytes))
     return torch.from_numpy(decode(raw, info.dtype).astype("float32")).reshape(info.shape)
 
 
@@ -249,7 +260,7 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
     import torch
 
     source_is_rm = s.score_name in src.tensors
-    value_head = _value_head_weight(src)
+    value_head = _value_head_weight(src, s.score_name)
     try:
         ours, _ = _load(s, s.path)
         theirs, _ = _load(s, src.path, causal=not source_is_rm)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
-from .errors import CheckpointError
+from .errors import CheckpointError, summary
 
 
 class StructureError(CheckpointError):
@@ -73,24 +73,21 @@ def _renamer(model) -> Callable[[str], str]:
 @lru_cache(maxsize=32)
 def _build(model_type: str, config_json: str) -> Structure:
     import torch
-    from transformers import logging
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    from .probes import _quiet_transformers
+
     settings = json.loads(config_json)
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # a meta model warns about what it would do with real weights
     try:
-        config_class = CONFIG_MAPPING[model_type]
-        config = config_class.from_dict(settings)
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_class]
-        with torch.device("meta"):
-            model = cls(config)
+        with _quiet_transformers():  # a meta model warns about what it would do with real weights
+            config_class = CONFIG_MAPPING[model_type]
+            config = config_class.from_dict(settings)
+            cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_class]
+            with torch.device("meta"):
+                model = cls(config)
     except Exception as exc:  # noqa: BLE001 (whatever transformers raises: the caller falls back, naming it)
-        first = (str(exc).splitlines() or [""])[0][:200]
-        raise StructureError(f"transformers cannot build {model_type}'s causal LM: {type(exc).__name__}: {first}")
-    finally:
-        logging.set_verbosity(verbosity)
+        raise StructureError(f"transformers cannot build {model_type}'s causal LM: {summary(exc, 200)}")
     names = _module_names(model)
     embedding = model.get_input_embeddings()
     if names.get(id(embedding)) is None or not hasattr(embedding, "weight"):
@@ -130,18 +127,15 @@ def classifier_parameters(model_type: str, class_name: str) -> tuple[str, ...] |
     built on the meta device from the family's default config; None when it cannot be built so."""
     import torch
     import transformers
-    from transformers import logging
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()
+    from .probes import _quiet_transformers
+
     try:
-        with torch.device("meta"):
+        with _quiet_transformers(), torch.device("meta"):
             model = getattr(transformers, class_name)(CONFIG_MAPPING[model_type](num_labels=1))
     except Exception:  # noqa: BLE001 (no answer: the caller keeps its default)
         return None
-    finally:
-        logging.set_verbosity(verbosity)
     prefix = model.base_model_prefix
     return tuple(n for n, _ in model.named_parameters() if not n.startswith(prefix + "."))
 

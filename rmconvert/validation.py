@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import checks
-from .checkpoint import open_checkpoint, read_json
-from .errors import CheckpointError, UsageError
+from .checkpoint import open_checkpoint, read_json, require_directory
+from .errors import CheckpointError, UsageError, summary
 from .findings import CODES, ERROR, WARNING, Finding, Subject
 from .host import Registry, load_registry
 from .hub import resolve_source
@@ -36,6 +36,7 @@ def _read(path: Path, registry: Registry, repo: tuple[str, str | None] | None = 
 def _policy(path: Path, subject: Subject) -> TokenizerFiles:
     """The tokenizer of the policy at ``path``; refused (bad input) when it is of another family than the
     reward model's: fewer than half of its tokens have the same id in both."""
+    require_directory(path)
     policy = TokenizerFiles.read(path)
     if subject.tokenizer is not None:
         same = sum(subject.tokenizer.ids.get(token) == i for token, i in policy.ids.items())
@@ -81,12 +82,11 @@ def validate(
         name = where.name if where.parent == path else str(where)
         return [Finding("RM001", ERROR, name, "", exc.message, CODES["RM001"].hint)]
     except Exception as exc:  # noqa: BLE001 (a checkpoint that breaks the reader is a finding, not a crash)
-        message = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
-        return [Finding("RM005", ERROR, str(path), "read", message, CODES["RM005"].hint)]
+        return [Finding("RM005", ERROR, str(path), "read", summary(exc), CODES["RM005"].hint)]
     if policy is not None:
         subject.policy = _policy(Path(policy), subject)
     runs = [(check.__name__, check, ()) for check in checks.STATIC]
-    runs += [(f"{plugin}:{check.__name__}", check, ()) for plugin, check in registry.checks]
+    runs += [(f"{plugin}:{getattr(check, '__name__', repr(check))}", check, ()) for plugin, check in registry.checks]
     if load or against is not None:
         from . import probes  # imports torch and transformers: only when asked to load or compare
 
@@ -99,10 +99,22 @@ def validate(
 
 
 def _run(subject: Subject, name: str, check, *args) -> list[Finding]:
-    """The findings of one check; an unexpected exception is a finding (RM005) and the other checks still run."""
+    """The findings of one check; an unexpected exception or a malformed finding is a finding (RM005) and the other
+    checks still run."""
     found = []
     try:
-        found.extend(check(subject, *args))  # a generator's findings before the exception are kept
+        for finding in check(subject, *args):  # a generator's findings before the exception are kept
+            found.append(_checked(subject, name, finding))
     except Exception as exc:  # noqa: BLE001 (validate never crashes on a checkpoint it is asked about)
         found.append(subject.could_not_run(name, exc))
     return found
+
+
+def _checked(subject: Subject, name: str, finding) -> Finding:
+    """``finding``, a path in it as text; RM005 naming the check for anything but a Finding of text fields and a
+    known severity."""
+    if isinstance(finding, Finding):
+        values = {k: str(v) if isinstance(v, Path) else v for k, v in vars(finding).items()}
+        if values["severity"] in (ERROR, WARNING) and all(isinstance(v, str) for v in values.values()):
+            return Finding(**values)
+    return subject.finding("RM005", str(subject.path), name, f"not a Finding of a known severity: {finding!r}"[:300])

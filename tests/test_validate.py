@@ -16,6 +16,7 @@ from rmconvert.checkpoint import open_checkpoint
 from rmconvert.cli import cli
 from rmconvert.findings import CODES, Finding
 from rmconvert.host import get_plugin_manager, load_registry
+from rmconvert.testing import save_as_bin
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -176,10 +177,11 @@ def test_warnings_pass_unless_strict(good_rm, writable_copy):
     assert strict.exit_code == 1 and json.loads(strict.stdout)["errors"] == 2
 
 
-def test_openrlhf_reward_model_is_recognised_and_convert_fixes_it(good_rm, writable_copy, tmp_path):
+@pytest.mark.parametrize("prefix", ["value_head", "reward_head"])
+def test_openrlhf_reward_model_is_recognised_and_convert_fixes_it(good_rm, writable_copy, tmp_path, prefix):
     rm = writable_copy(good_rm)
-    rename_tensor(rm, "score.weight", "value_head.weight")
-    edit_json(rm / "config.json", architectures=["RewardModel"], value_head_prefix="value_head")
+    rename_tensor(rm, "score.weight", f"{prefix}.weight")
+    edit_json(rm / "config.json", architectures=["RewardModel"], value_head_prefix=prefix)
     edit_json(rm / "config.json", id2label=None, label2id=None, mean=0.1, std=2.0, normalize_reward=True)
     found = codes(rm)
     assert {"RM014", "RM010"} <= found
@@ -190,8 +192,54 @@ def test_openrlhf_reward_model_is_recognised_and_convert_fixes_it(good_rm, writa
     assert validate(fixed) == []
 
 
+def test_a_value_head_file_beside_the_familys_own_head_is_not_a_value_head_model(build, tmp_path):
+    """CTRL's reward head is classifier.weight: a TRL value head left beside it is not what loads (no RM015)."""
+    import torch
+    from safetensors.torch import save_file
+
+    rm = tmp_path / "rm"
+    convert(build("ctrl"), rm)
+    hidden = open_checkpoint(rm).tensors["classifier.weight"].shape[1]
+    save_file({"v_head.summary.weight": torch.zeros(1, hidden)}, rm / "value_head.safetensors")
+    assert validate(rm) == []
+
+
 def test_load_finds_nothing_on_a_sound_model_and_checks_against_the_source(good_rm, source):
     assert validate(good_rm, load=True, against=source) == []
+
+
+def test_load_of_a_bin_reward_model_compares_its_tensors_and_probes_padding(good_rm, tmp_path):
+    """``.bin`` weights are read as safetensors are: a sound one has only the pickle warning, a bad pad RM110."""
+    rm = save_as_bin(good_rm, tmp_path / "bin")
+    assert [f.code for f in validate(rm, load=True)] == ["RM042"]
+    damage_pad_disagrees_with_tokenizer(rm)
+    assert [f.code for f in validate(rm, load=True)] == ["RM033", "RM042", "RM110"]
+
+
+def test_a_scalar_parameter_loaded_with_other_values_is_reported(good_rm, writable_copy):
+    """RM127 for a 0-d parameter (a learned scale) that loads with a value other than the stored one."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from rmconvert.probes import _load, _reinitialised
+    from rmconvert.validation import _read
+
+    rm = writable_copy(good_rm)
+    shard = shard_of(rm, "model.norm.weight")
+    save_file({**load_file(shard), "model.scale": torch.tensor(2.0)}, shard, metadata={"format": "pt"})
+    edit_json(
+        rm / "model.safetensors.index.json",
+        weight_map={
+            **json.loads((rm / "model.safetensors.index.json").read_text())["weight_map"],
+            "model.scale": shard.name,
+        },
+    )
+    subject = _read(rm, load_registry())
+    model, _ = _load(subject, rm)
+    model.model.register_parameter("scale", torch.nn.Parameter(torch.tensor(1.0)))
+    found = list(_reinitialised(subject, model))
+    assert [(f.code, f.file, f.where) for f in found] == [("RM127", shard.name, "model.scale")]
+    assert "max |loaded - stored| 1" in found[0].message
 
 
 def test_load_reports_batches_that_score_differently(good_rm, writable_copy):

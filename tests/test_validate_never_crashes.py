@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from rmconvert import Architecture, convert, hookimpl, validate
 from rmconvert.cli import cli
+from rmconvert.errors import CheckpointError
 from rmconvert.host import get_plugin_manager, load_registry
 
 LOAD_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -86,6 +87,93 @@ def test_a_check_that_raises_is_a_finding_and_the_others_still_run(good_rm):
     assert [(f.code, f.severity, f.where) for f in findings] == [("RM005", "error", "odd-plugin:broken")]
     assert "ValueError: the plugin's check tripped over something" in findings[0].message
     assert findings[0].hint
+
+
+def test_a_llama3_model_with_eos_ids_in_a_list_is_probed_with_vocabulary_ids(build, tmp_path):
+    """Llama 3 configs hold a list of eos ids; the vocabulary probe ids skip each of them."""
+    src = build("llama3")
+    rm = tmp_path / "rm"
+    convert(src, rm)
+    assert isinstance(json.loads((rm / "config.json").read_text())["eos_token_id"], list)
+    word_level_without_unk(rm)
+    assert [f for f in validate(rm, load=True, against=src) if f.severity == "error"] == []
+
+
+def test_a_tokenizer_pad_without_an_embedding_row_is_a_finding(good_rm, tmp_path):
+    """The tokenizer pads with a token it added past the embedding: padded batches would index out of range."""
+    rm = Path(shutil.copytree(good_rm, tmp_path / "rm"))
+    tok = json.loads((rm / "tokenizer.json").read_text())
+    rows = json.loads((rm / "config.json").read_text())["vocab_size"]
+    last = max(t["id"] for t in tok["added_tokens"])
+    for i in range(last + 1, rows + 1):  # ids are given in order: fill up to the pad at the embedding's end
+        content = "<late-pad>" if i == rows else f"<extra{i}>"
+        entry = {"id": i, "content": content, "special": True, "normalized": False}
+        tok["added_tokens"].append(entry | {"single_word": False, "lstrip": False, "rstrip": False})
+    (rm / "tokenizer.json").write_text(json.dumps(tok))
+    config = json.loads((rm / "tokenizer_config.json").read_text())
+    (rm / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<late-pad>"}))
+    found = {(f.code, f.file, f.where) for f in validate(rm, load=True)}
+    assert ("RM031", "tokenizer_config.json", "/pad_token") in found
+    assert not [f for f in found if f[0] == "RM005"], found
+
+
+def test_a_policy_path_too_long_is_one_line(good_rm):
+    with pytest.raises(CheckpointError, match="too long"):
+        validate(good_rm, policy="a" * 300)
+    result = run_cli("validate", str(good_rm), "--policy", "a" * 300)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "too long" in result.output
+
+
+ODD_CHECKS = """
+import functools
+
+from rmconvert import hookimpl
+from rmconvert.findings import Finding
+
+
+def scalar_head(subject, code):
+    yield Finding(code, "warning", subject.path / "config.json", "/id2label", "a scalar head")
+
+
+def junk(subject):
+    yield Finding("ODD002", "warning", "config.json", "", "fine")
+    yield Finding("ODD003", "fatal", "config.json", "", "no such severity")
+    yield "not a finding"
+
+
+@hookimpl
+def rmconvert_register_checks(register):
+    register(functools.partial(scalar_head, code="ODD001"))
+    register(junk)
+"""
+
+
+@pytest.fixture
+def odd_checks(tmp_path, monkeypatch):
+    """An installed plugin (entry point ``odd``) registering a partial, a check whose finding names its file by a
+    Path, and one yielding a finding of no known severity and a string."""
+    (tmp_path / "odd_checks.py").write_text(ODD_CHECKS)
+    dist = tmp_path / "odd_checks-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: odd-checks\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[rmconvert]\nodd = odd_checks\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("RMCONVERT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+
+
+def test_plugin_checks_that_are_partials_or_yield_malformed_findings(good_rm, odd_checks):
+    findings = validate(good_rm)
+    assert [(f.code, f.file, f.where) for f in findings[:2]] == [
+        ("ODD001", str(good_rm / "config.json"), "/id2label"),
+        ("ODD002", "config.json", ""),
+    ]
+    assert [(f.code, f.where) for f in findings[2:]] == [("RM005", "odd:junk")] * 2
+    assert "'fatal'" in findings[2].message and "'not a finding'" in findings[3].message
+    table = run_cli("validate", str(good_rm))
+    assert table.exit_code == 1 and "ODD001" in table.output and "odd:junk" in table.output
+    report = json.loads(run_cli("validate", str(good_rm), "--json").stdout)
+    assert [f["code"] for f in report["findings"]] == ["ODD001", "ODD002", "RM005", "RM005"]
 
 
 # --- properties ----------------------------------------------------------------------------------
