@@ -15,9 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+from .errors import summary
 
 
 def check(model_type: str, root: Path) -> tuple[str, str]:
@@ -34,12 +32,12 @@ def check(model_type: str, root: Path) -> tuple[str, str]:
         with torch.no_grad():
             AutoModelForCausalLM.from_pretrained(source)(torch.tensor([[5, 6, 7]]), use_cache=False)
     except Exception as exc:  # noqa: BLE001 (a family the tiny builder cannot make is reported, not fatal)
-        return "unbuildable", _reason(exc)
+        return "unbuildable", summary(exc, 160)
     try:
         report = convert(source, root / f"{model_type}-rm")
         errors = [f for f in validate(root / f"{model_type}-rm", load=True) if f.severity == ERROR]
     except Exception as exc:  # noqa: BLE001 (every failure is a finding of the report)
-        return "failed", _reason(exc)
+        return "failed", summary(exc, 160)
     if errors:
         return "failed", "; ".join(f"{f.code} {f.where}: {f.message}" for f in errors[:3])
     return "ok", f"{report['architecture']}: {report['class']}"
@@ -59,7 +57,7 @@ def _child(model_type: str, root: Path, memory: int, conn) -> None:
     try:
         conn.send(check(model_type, root))
     except BaseException as exc:  # noqa: BLE001 (MemoryError and the like end up in the report)
-        conn.send(("unbuildable", f"crashed: {_reason(exc)}"))
+        conn.send(("unbuildable", f"crashed: {summary(exc, 160)}"))
 
 
 def check_all(model_types, root: Path, memory: int, seconds: int, jobs: int = 2, on_result=None) -> dict:

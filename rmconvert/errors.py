@@ -55,4 +55,4 @@ class Interrupted(RMConvertError):
 
 def summary(exc: BaseException, limit: int = 300) -> str:
     """An exception as one line: ``Type: the first line of its message`` (at most ``limit`` characters of it)."""
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:limit]}"
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:limit]}"

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .checkpoint import BIN_SINGLE, FORMATS, SINGLE, VALUE_HEAD_FILES, read_json
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, UsageError, summary
 
 #: Files a conversion reads or carries over besides the weights (top level of the repo only).
 METADATA = frozenset(
@@ -220,7 +220,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise _explained(exc, repo_id, revision) from None
     except Exception as exc:  # noqa: BLE001 (unreachable, offline, gated, unknown: the cache may still have it)
         try:
-            return _from_cache(repo_id, revision, f"the Hub cannot be asked ({_first_line(exc)})")
+            return _from_cache(repo_id, revision, f"the Hub cannot be asked ({summary(exc, 200)})")
         except CheckpointError:
             raise _explained(exc, repo_id, revision) from None
     files = [sibling.rfilename for sibling in info.siblings or ()]
@@ -245,10 +245,6 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise _explained(exc, repo_id, revision, downloading=True) from None
 
 
-def _first_line(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
-
-
 def _explained(exc: Exception, repo_id: str, revision: str | None, downloading: bool = False) -> CheckpointError:
     """One line for what the Hub answered (``downloading``: while fetching files, else when asked for the repo)."""
     from huggingface_hub import constants
@@ -266,8 +262,8 @@ def _explained(exc: Exception, repo_id: str, revision: str | None, downloading: 
     if isinstance(exc, RevisionNotFoundError):
         return CheckpointError(f"no revision {revision!r} on the Hugging Face Hub (a branch, tag or commit)", repo_id)
     if downloading:
-        return CheckpointError(f"download failed ({_first_line(exc)}): run again to resume it", repo_id)
+        return CheckpointError(f"download failed ({summary(exc, 200)}): run again to resume it", repo_id)
     return CheckpointError(
-        f"cannot reach the Hugging Face Hub ({_first_line(exc)}) and it is not in the cache ({constants.HF_HUB_CACHE})",
+        f"cannot reach the Hugging Face Hub ({summary(exc, 200)}) and it is not in the cache ({constants.HF_HUB_CACHE})",
         repo_id,
     )
