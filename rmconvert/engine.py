@@ -35,7 +35,7 @@ from .dtypes import FLOAT_DTYPES, TORCH_NAMES
 from .errors import CheckpointError, OutputError, PluginError, UsageError
 from .head import default_init_std, mean_row_part, merged_mean_row_parts, read_scalar, score_parts
 from .host import Registered, Registry, load_registry
-from .hub import resolve_source, snapshot_origin
+from .hub import is_repo_id_source, resolve_source, snapshot_origin
 from .lora import file_hashes, is_adapter, plan_merge, read_adapter, resolve_base
 from .output import FILE_MODE, check_destination, staged, sync_file, write_file
 from .pad import PadChoice, choose_pad
@@ -737,7 +737,8 @@ def convert(
     opts = Options(**options)
     opts.check()
     dst = Path(dst)
-    check_destination(None, dst, overwrite)  # before a Hub source is downloaded
+    if is_repo_id_source(src):
+        check_destination(None, dst, overwrite)  # what DST alone decides, before the download
     src = resolve_source(src, revision)
     require_directory(src)
     if adapter is None and is_adapter(src) and not (src / "config.json").exists():

@@ -77,6 +77,11 @@ def revision_problem(revision: str) -> str | None:
     return None
 
 
+def is_repo_id_source(spec: str | os.PathLike) -> bool:
+    """Whether :func:`resolve_source` takes ``spec`` from the Hub: a repo id that is not an existing local path."""
+    return not isinstance(spec, os.PathLike) and not os.path.exists(spec) and repo_id_problem(spec) is None
+
+
 def resolve_source(spec: str | os.PathLike, revision: str | None = None) -> Path:
     """A local checkpoint directory for ``spec``.
 

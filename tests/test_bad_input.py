@@ -954,20 +954,20 @@ def policy_of_another_family(ws):
 
 # fmt: off
 BAD_POLICIES = [
-    pytest.param(policy_without_tokenizer, "missing: rmconvert reads the vocabulary", id="no-tokenizer"),
-    pytest.param(policy_missing, "missing: rmconvert reads the vocabulary", id="missing-directory"),
-    pytest.param(policy_of_another_family, "not the reward model's tokenizer family: 0 of its 300 tokens",
+    pytest.param(policy_without_tokenizer, TOKENIZER, "missing: rmconvert reads the vocabulary", id="no-tokenizer"),
+    pytest.param(policy_missing, "", "no such directory", id="missing-directory"),
+    pytest.param(policy_of_another_family, TOKENIZER, "not the reward model's tokenizer family: 0 of its 300 tokens",
                  id="another-family"),
 ]
 # fmt: on
 
 
-@pytest.mark.parametrize("scene, problem", BAD_POLICIES)
-def test_validate_refuses_bad_policy(ws, reward_model, scene, problem):
+@pytest.mark.parametrize("scene, culprit, problem", BAD_POLICIES)
+def test_validate_refuses_bad_policy(ws, reward_model, scene, culprit, problem):
     policy = scene(ws)
     before = state(reward_model), state(policy)
     result = rmconvert("validate", reward_model, "--policy", policy)
-    assert_one_error(result, policy / TOKENIZER, problem)
+    assert_one_error(result, policy / culprit, problem)
     assert (state(reward_model), state(policy)) == before
 
 
