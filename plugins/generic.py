@@ -83,13 +83,11 @@ class Generic(Architecture):
         """The layout by shape and name, when transformers cannot build the family."""
         score = self.score_name(ckpt.model_type)
         vocab = text_config(ckpt.config).get("vocab_size")
-        found = [
+        found = [self.embedding] if self.embedding in ckpt.tensors else [
             n
             for n, t in ckpt.tensors.items()
             if len(t.shape) == 2 and t.shape[0] == vocab and not OUTPUT_HEAD.search(n) and n != score
-        ]
-        if self.embedding in ckpt.tensors:
-            found = [self.embedding]
+        ]  # fmt: skip
         if len(found) != 1:
             raise CheckpointError(
                 f"{why.message}; and by shape, cannot tell the input embedding among {found} of [vocab_size, H]",

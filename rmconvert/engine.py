@@ -36,7 +36,7 @@ from .errors import CheckpointError, OutputError, PluginError, UsageError
 from .head import default_init_std, mean_row_part, merged_mean_row_parts, read_scalar, score_parts
 from .host import Registered, Registry, load_registry
 from .hub import is_repo_id_source, resolve_source, snapshot_origin
-from .lora import file_hashes, is_adapter, plan_merge, read_adapter, resolve_base
+from .lora import is_adapter, plan_merge, read_adapter, resolve_base
 from .output import FILE_MODE, check_destination, staged, sync_file, write_file
 from .pad import PadChoice, choose_pad
 from .safetensors_io import ByteRange, Header, OutTensor, Repeat, layout, write_parts
@@ -397,7 +397,9 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
                 " than the value head's output; preferences and rankings are unchanged (see the README to add it back)"
             )
     if merge is not None:
-        report["adapter"] = merge.report(file_hashes(adapter) if options.hash_sources else None)
+        files = (adapter.config_path, adapter.weights) if options.hash_sources else ()
+        hashes = {p.name: _sha256(p, threading.Event()) for p in files}
+        report["adapter"] = merge.report(hashes if options.hash_sources else None)
         report["source_kind"] += f" + {adapter.task_type or 'LoRA'} adapter"
         report["warnings"] += merge.warnings(ckpt.path)
     if trained_pad and pad.action == "kept":

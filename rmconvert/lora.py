@@ -8,7 +8,6 @@ torch, only when an adapter is given). Tensors the adapter saved whole (``module
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -394,15 +393,3 @@ def tensor_bytes(tensor: OutTensor) -> bytes:
         read_range(p.path, p.offset, p.length) if isinstance(p, ByteRange) else materialize(p) for p in tensor.parts
     ]
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def file_hashes(adapter: Adapter) -> dict[str, str]:
-    """sha256 of the adapter's files (its config and weights), for rmconvert.json."""
-    hashes = {}
-    for path in (adapter.config_path, adapter.weights):
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        hashes[path.name] = "sha256:" + digest.hexdigest()
-    return hashes

@@ -42,7 +42,8 @@ class PadChoice:
         return self.action == "added"
 
 
-def _ids(value) -> set[int]:
+def token_ids(value) -> set[int]:
+    """The token ids of a config field: an int, a list of ints, or nothing."""
     if type(value) is int:
         return {value}
     if isinstance(value, list):
@@ -52,8 +53,8 @@ def _ids(value) -> set[int]:
 
 def eos_ids(config: dict, generation_config: dict | None, tok: TokenizerFiles) -> set[int]:
     """Every id that ends a sequence: config, text config, generation config and tokenizer eos."""
-    ids = _ids(config.get("eos_token_id")) | _ids(text_config(config).get("eos_token_id"))
-    ids |= _ids((generation_config or {}).get("eos_token_id"))
+    ids = token_ids(config.get("eos_token_id")) | token_ids(text_config(config).get("eos_token_id"))
+    ids |= token_ids((generation_config or {}).get("eos_token_id"))
     if tok.special_id("eos") is not None:
         ids.add(tok.special_id("eos"))
     return ids

@@ -13,7 +13,7 @@ from .errors import CheckpointError, summary
 from .findings import CODES, Finding, Subject
 from .host import Registry
 from .lora_merge import TORCH_DTYPES, read_range, read_tensor
-from .pad import _ids
+from .pad import token_ids
 from .reward_head import accepted
 from .safetensors_io import TensorInfo
 from .tokenizer_files import TOKENIZER_CONFIG
@@ -77,7 +77,7 @@ def _probe_ids(s: Subject, vocab_size: int) -> tuple[list[list[int]], int | None
 
 def _vocabulary_ids(s: Subject, vocab_size: int) -> list[list[int]]:
     """Probe sequences as long as the probe texts' words, of ids spread over the vocabulary, no special token."""
-    specials = {i for k in ("pad_token_id", "bos_token_id", "eos_token_id") for i in _ids(s.text_config.get(k))}
+    specials = {i for k in ("pad_token_id", "bos_token_id", "eos_token_id") for i in token_ids(s.text_config.get(k))}
     if s.tokenizer is not None:
         specials |= {s.tokenizer.special_id(role) for role in ("pad", "bos", "eos", "unk")}
     plain = [i for i in range(vocab_size) if i not in specials] or list(range(vocab_size))
