@@ -59,7 +59,7 @@ MODELS = {
 NAIVE = r"""
 import sys
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from rmconvert.loading import register_classes
+from rmconvert.families.loading import register_classes
 src, dst = sys.argv[1:3]
 register_classes(src)  # OLMoE has no sequence-classification class in transformers
 tok = AutoTokenizer.from_pretrained(src)

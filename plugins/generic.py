@@ -1,17 +1,19 @@
 """Any decoder-only model_type of the installed transformers, with or without a native sequence classifier.
 
 Claims only what no specific plugin claims. The layout comes from transformers itself (see
-:mod:`rmconvert.structure`): the causal-LM class built on the meta device names the input embedding, the output
+:mod:`rmconvert.families.structure`): the causal-LM class built on the meta device names the input embedding, the output
 head(s), the backbone and the key renames applied on load. Only when transformers cannot build the family are
 the embedding and the heads told by shape and name, and an ambiguous case is an error naming both reasons.
 """
 
 import re
+from dataclasses import replace
 from functools import cached_property
 
 from rmconvert import Architecture, hookimpl
-from rmconvert.checkpoint import text_config
 from rmconvert.errors import CheckpointError
+from rmconvert.families.layout import describe
+from rmconvert.sources.checkpoint import text_config
 
 #: Fallback only. Output heads: a top-level module of these names (``lm_head``, GPT-NeoX's ``embed_out``, RWKV's
 #: ``head``), or an ``unembed`` anywhere. (``output`` is not matched inside the backbone: RWKV's attention has one.)
@@ -36,8 +38,8 @@ class Generic(Architecture):
 
     @cached_property
     def model_types(self) -> tuple[str, ...]:
-        """Every decoder-only family; those without a native class get one built (see rmconvert.modeling)."""
-        from rmconvert.modeling import decoder_only_model_types
+        """Every decoder-only family; those without a native class get one built (see rmconvert.families.modeling)."""
+        from rmconvert.families.modeling import decoder_only_model_types
 
         return tuple(sorted(decoder_only_model_types()))
 
@@ -45,23 +47,34 @@ class Generic(Architecture):
         tc = text_config(config)
         if "hidden_size" in tc:
             return tc["hidden_size"]
-        from rmconvert.modeling import config_attribute_map
+        from rmconvert.families.modeling import config_attribute_map
 
         alias = config_attribute_map(config.get("model_type", "")).get("hidden_size")
         return tc.get(alias) if alias else None
 
     def score_name(self, model_type):
         """``score.weight``, or the head transformers' native classifier names otherwise (CTRL: ``classifier``)."""
-        from rmconvert.modeling import reward_class_name
-        from rmconvert.structure import classifier_head, classifier_parameters
+        from rmconvert.families.modeling import reward_class_name
+        from rmconvert.families.structure import classifier_head, classifier_parameters
 
         native = reward_class_name(model_type)
         head = classifier_parameters(model_type, native) if native else None
         return (classifier_head(head) if head else None) or self.score
 
-    def _layout(self, ckpt) -> tuple[str, set[str]]:
-        """(input embedding, tensors outside the reward model) from transformers' structure of the family."""
-        from rmconvert.structure import StructureError, structure
+    def layout(self, ckpt):
+        """The layout from transformers' structure of the family, computed once; by shape and name when
+        transformers cannot build it."""
+        try:
+            embedding, outside, lm_head = self._layout(ckpt)
+        except CheckpointError as exc:
+            lm_head = {n for n in ckpt.tensors if n.startswith(self.lm_head_prefixes)}
+            return replace(describe(self, ckpt, None, Architecture.dropped(self, ckpt), lm_head), error=exc)
+        return describe(self, ckpt, embedding, Architecture.dropped(self, ckpt) | outside, lm_head)
+
+    def _layout(self, ckpt) -> tuple[str, set[str], set[str]]:
+        """(input embedding, tensors outside the reward model, LM head) from transformers' structure of the
+        family."""
+        from rmconvert.families.structure import StructureError, structure
 
         try:
             found = structure(ckpt.config)
@@ -77,9 +90,9 @@ class Generic(Architecture):
             )
         score = self.score_name(ckpt.model_type)
         outside = {n for n, key in loaded_as.items() if not found.in_backbone(key) and n != score}
-        return embedding[0], outside
+        return embedding[0], outside, {n for n, key in loaded_as.items() if key in found.heads}
 
-    def _guess(self, ckpt, why: CheckpointError) -> tuple[str, set[str]]:
+    def _guess(self, ckpt, why: CheckpointError) -> tuple[str, set[str], set[str]]:
         """The layout by shape and name, when transformers cannot build the family."""
         score = self.score_name(ckpt.model_type)
         vocab = text_config(ckpt.config).get("vocab_size")
@@ -94,15 +107,16 @@ class Generic(Architecture):
                 ckpt.path,
             )
         prefix = found[0].split(".")[0] + "."
-        return found[0], {n for n in ckpt.tensors if (not n.startswith(prefix) or OUTPUT_HEAD.search(n)) and n != score}
+        outside = {n for n in ckpt.tensors if (not n.startswith(prefix) or OUTPUT_HEAD.search(n)) and n != score}
+        return found[0], outside, {n for n in outside if OUTPUT_HEAD.search(n)}
 
     def dropped(self, ckpt):
         """Everything transformers' sequence classifier would not load: outside the backbone, or an output head."""
-        return super().dropped(ckpt) | self._layout(ckpt)[1]
+        return set(self.layout(ckpt).require().dropped)
 
     def embedding_name(self, ckpt):
         """The tensor transformers loads as the input embedding, whose rows are the vocabulary."""
-        return self._layout(ckpt)[0]
+        return self.layout(ckpt).require().embedding
 
 
 @hookimpl

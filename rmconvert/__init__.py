@@ -3,12 +3,12 @@
 __version__ = "0.1.0"
 
 from . import schemas
-from .architecture import Architecture
+from .doctor.validation import validate
 from .engine import convert
 from .errors import CheckpointError, RMConvertError
-from .hookspecs import hookimpl
-from .loading import load_reward_model
-from .validation import validate
+from .families.architecture import Architecture
+from .families.hookspecs import hookimpl
+from .families.loading import load_reward_model
 
 __all__ = [
     "Architecture",

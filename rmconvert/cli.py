@@ -237,8 +237,8 @@ def convert(src, dst, overwrite, link, adapter, as_json, **options):
 def validate(path, revision, load, against, against_revision, policy, adapter, strict, as_json):
     """Check that the reward-model checkpoint PATH (a directory or a Hugging Face repo id) is sound: exit 0
     when no errors (no warnings either under --strict), 1 otherwise."""
-    from .validation import ERROR
-    from .validation import validate as run
+    from .doctor.validation import ERROR
+    from .doctor.validation import validate as run
 
     if adapter is not None and against is None:
         raise click.UsageError("--adapter needs --against BASE (the checkpoint the adapter was merged into)")
@@ -281,7 +281,7 @@ def validate(path, revision, load, against, against_revision, policy, adapter, s
 @reports_errors
 def plugins(as_json):
     """List the architectures every installed plugin provides."""
-    from .host import load_registry
+    from .families.host import load_registry
 
     registry = load_registry()
     claimed = {t for e in registry.entries.values() if not e.architecture.fallback for t in e.architecture.model_types}

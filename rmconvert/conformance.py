@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from .doctor.validation import ERROR, validate
 from .engine import convert
-from .host import Registry
+from .families.host import Registry
 from .testing import build_checkpoint, snapshot
-from .validation import ERROR, validate
 
 HEADS = ("scalar", "bt")
 

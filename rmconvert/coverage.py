@@ -23,9 +23,9 @@ def check(model_type: str, root: Path) -> tuple[str, str]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .doctor.validation import ERROR, validate
     from .engine import convert
     from .testing import build_checkpoint
-    from .validation import ERROR, validate
 
     try:
         source = build_checkpoint(model_type, root / model_type)
@@ -44,7 +44,7 @@ def check(model_type: str, root: Path) -> tuple[str, str]:
 
 
 _CONTEXT = multiprocessing.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["torch", "transformers", "rmconvert.engine", "rmconvert.validation"])
+_CONTEXT.set_forkserver_preload(["torch", "transformers", "rmconvert.engine", "rmconvert.doctor.validation"])
 
 
 def _child(model_type: str, root: Path, memory: int, conn) -> None:
@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     warnings.simplefilter("ignore")
-    from .modeling import decoder_only_model_types
+    from .families.modeling import decoder_only_model_types
 
     types = args.model_types or sorted(decoder_only_model_types())
     with tempfile.TemporaryDirectory(prefix="rmconvert-coverage-") as tmp:

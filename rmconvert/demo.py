@@ -5,9 +5,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from .doctor.validation import ERROR, validate
 from .engine import convert
 from .testing import build_checkpoint
-from .validation import ERROR, validate
 
 DEMO_KINDS = ("llama3", "llama2", "olmo2", "olmoe", "qwen2")
 
@@ -17,8 +17,8 @@ def _score(path: Path) -> tuple[str, bool]:
     import torch
     from transformers import AutoTokenizer
 
-    from .loading import load_reward_model
-    from .probes import positions
+    from .doctor.probes import positions
+    from .families.loading import load_reward_model
 
     model = load_reward_model(path).eval()
     tok = AutoTokenizer.from_pretrained(path)

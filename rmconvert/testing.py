@@ -272,7 +272,7 @@ def recipe_for(kind: str) -> Recipe:
         return RECIPES[kind]
     from transformers import AutoConfig
 
-    from .modeling import config_attribute_map
+    from .families.modeling import config_attribute_map
 
     # a field counts under its own name or an alias (GPT-2, CTRL and CodeGen store hidden_size as n_embd)
     fields = set(AutoConfig.for_model(kind).get_text_config().to_dict()) | set(config_attribute_map(kind))
@@ -326,7 +326,7 @@ def build_checkpoint(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .modeling import register_sequence_classification_class, sequence_classification_class_name
+    from .families.modeling import register_sequence_classification_class, sequence_classification_class_name
 
     recipe = recipe_for(kind)
     tokenizer = build_tokenizer(recipe)

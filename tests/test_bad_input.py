@@ -225,7 +225,7 @@ def rewrite_zip(path: Path, entries: Callable[[list[tuple[str, bytes]]], list], 
 
 def read_pickle(path: Path) -> OrderedDict:
     """A .bin's state dict as rmconvert's own (code-free) unpickler reads it: tensor records, not tensors."""
-    from rmconvert.torch_zip import _StateDictUnpickler
+    from rmconvert.io.torch_zip import _StateDictUnpickler
 
     with zipfile.ZipFile(path) as z:
         name = next(n for n in z.namelist() if n.endswith("/data.pkl"))
@@ -238,7 +238,7 @@ class TorchPickler(__import__("pickle").Pickler):
     def persistent_id(self, obj):
         import torch
 
-        from rmconvert.torch_zip import STORAGE_DTYPES, _Storage
+        from rmconvert.io.torch_zip import STORAGE_DTYPES, _Storage
 
         if isinstance(obj, _Storage):
             kind = next(k for k, v in STORAGE_DTYPES.items() if v == obj.dtype)
@@ -248,7 +248,7 @@ class TorchPickler(__import__("pickle").Pickler):
     def reducer_override(self, obj):
         import torch
 
-        from rmconvert.torch_zip import _Tensor
+        from rmconvert.io.torch_zip import _Tensor
 
         if isinstance(obj, _Tensor):
             args = (obj.storage, obj.offset, obj.shape, obj.stride, False, OrderedDict())

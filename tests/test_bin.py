@@ -15,13 +15,13 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from rmconvert import torch_zip
-from rmconvert.checkpoint import open_checkpoint
+from rmconvert.doctor.validation import validate
 from rmconvert.engine import convert
 from rmconvert.errors import CheckpointError
+from rmconvert.io import torch_zip
+from rmconvert.io.torch_zip import read_torch_zip
+from rmconvert.sources.checkpoint import open_checkpoint
 from rmconvert.testing import save_as_bin, snapshot
-from rmconvert.torch_zip import read_torch_zip
-from rmconvert.validation import validate
 
 TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 TIED = {"lm_head.weight": "model.embed_tokens.weight"}

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rmconvert import convert, load_reward_model, validate
-from rmconvert.checkpoint import open_checkpoint
+from rmconvert.sources.checkpoint import open_checkpoint
 from rmconvert.testing import snapshot
 
 TEXTS = ["the answer is good", "hello world the reward model is helpful and honest yes", "no"]

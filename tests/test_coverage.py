@@ -10,7 +10,7 @@ import pytest
 
 from rmconvert import convert, validate
 from rmconvert.coverage import check, main
-from rmconvert.modeling import decoder_only_model_types, native_class_name
+from rmconvert.families.modeling import decoder_only_model_types, native_class_name
 
 #: A dense Llama-like, an MoE, absolute positions with tied weights, an LM head under another name, three
 #: families that transformers has no sequence classifier for, a pad id that indexes the position table

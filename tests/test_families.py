@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 from rmconvert import convert, validate
 from rmconvert.coverage import check_all
-from rmconvert.modeling import decoder_only_model_types
-from rmconvert.structure import structure
+from rmconvert.families.modeling import decoder_only_model_types
+from rmconvert.families.structure import structure
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 #: model_type -> (input embedding, LM head dropped), as the families' real checkpoints name them; with a head,
@@ -61,7 +61,7 @@ def test_a_native_classifier_with_more_than_a_linear_head_is_not_used(build, tmp
     if "modernbert-decoder" not in AVAILABLE:
         pytest.skip("transformers has no modernbert-decoder")
     from rmconvert import load_reward_model
-    from rmconvert.modeling import native_class_name
+    from rmconvert.families.modeling import native_class_name
 
     native = native_class_name("modernbert-decoder")
     report = convert(build("modernbert-decoder"), tmp_path / "rm", portable=True)
@@ -80,7 +80,7 @@ def test_a_weight_reinitialised_on_load_is_reported(build, tmp_path, monkeypatch
     """Youtu's weight initialisation zeroes the embedding's pad row through ``.data``, past transformers' flag
     of loaded tensors. rmconvert's built classifier keeps loaded weights; without that (as a class that
     re-initialises), ``validate --load`` reports the tensor that loads with other values than it stores."""
-    from rmconvert.reward_head import ScoreForSequenceClassification
+    from rmconvert.families.reward_head import ScoreForSequenceClassification
 
     convert(build("youtu"), tmp_path / "rm")
     assert not [f for f in validate(tmp_path / "rm", load=True) if f.severity == "error"]
@@ -91,12 +91,12 @@ def test_a_weight_reinitialised_on_load_is_reported(build, tmp_path, monkeypatch
 
 def test_a_family_transformers_cannot_build_falls_back_to_shapes_with_both_reasons(build, tmp_path):
     from rmconvert.errors import CheckpointError
-    from rmconvert.host import load_registry
+    from rmconvert.families.host import load_registry
 
     src = build("gpt2")
     config = json.loads((src / "config.json").read_text())
     generic = load_registry().get("generic").architecture
-    from rmconvert.checkpoint import open_checkpoint
+    from rmconvert.sources.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(src)
     assert generic.embedding_name(ckpt) == "transformer.wte.weight"

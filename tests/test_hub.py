@@ -22,7 +22,7 @@ import pytest
 from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download, try_to_load_from_cache
 from safetensors.numpy import load_file, save_file
 
-from rmconvert.hub import files_to_fetch, repo_id_problem, revision_problem, weights_of
+from rmconvert.sources.hub import files_to_fetch, repo_id_problem, revision_problem, weights_of
 from rmconvert.testing import LFS_SUFFIXES, add_to_hub_cache, git_blob_id, snapshot
 
 LLAMA = "tiny-org/llama2"

@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from rmconvert import convert, load_reward_model, validate
-from rmconvert import safetensors_io as io
-from rmconvert.checkpoint import open_checkpoint
+from rmconvert.io import safetensors as io
+from rmconvert.sources.checkpoint import open_checkpoint
 from rmconvert.testing import snapshot
 
 
@@ -139,8 +139,9 @@ def test_planning_leaves_numpy_and_jsonschema_to_run_alongside_the_copies(build,
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from rmconvert.engine import Options, open_checkpoint, plan_conversion\n"
-        "from rmconvert.host import load_registry\n"
+        "from rmconvert.engine import Options, plan_conversion\n"
+        "from rmconvert.sources.checkpoint import open_checkpoint\n"
+        "from rmconvert.families.host import load_registry\n"
         "ckpt = open_checkpoint(Path(sys.argv[1]))\n"
         "entry = load_registry().resolve(ckpt.model_type, 'auto', ckpt.config_path)\n"
         "plan = plan_conversion(ckpt, entry, Options(head='bt', dtype='bfloat16'))\n"
@@ -174,9 +175,10 @@ def test_every_output_file_reaches_the_disk_before_the_destination_is_named(buil
 
 def test_a_config_that_fails_its_schema_stops_the_run_before_any_copy(build, tmp_path, monkeypatch):
     """The config check runs first; no byte of any shard or file is written before it passes."""
-    from rmconvert import Architecture, engine
+    from rmconvert import Architecture
+    from rmconvert.engine import write
     from rmconvert.errors import CheckpointError
-    from rmconvert.host import Registry
+    from rmconvert.families.host import Registry
 
     schema = tmp_path / "strict.schema.json"
     schema.write_text(json.dumps({"$schema": "https://json-schema.org/draft/2020-12/schema", "required": ["nothing"]}))
@@ -184,9 +186,9 @@ def test_a_config_that_fails_its_schema_stops_the_run_before_any_copy(build, tmp
     registry = Registry()
     registry.add(strict, "test", "(in-process)", "")
     writes = []
-    write_parts = engine.write_parts
+    write_parts = write.write_parts
     monkeypatch.setattr(
-        engine, "write_parts", lambda fd, parts, stop: (writes.append(parts), write_parts(fd, parts, stop))
+        write, "write_parts", lambda fd, parts, stop: (writes.append(parts), write_parts(fd, parts, stop))
     )
     with pytest.raises(CheckpointError, match="would not satisfy strict.schema.json"):
         convert(build("llama3", max_shard_size="100KB"), tmp_path / "rm", registry=registry)

@@ -247,9 +247,9 @@ def test_seq_cls_adapter_onto_a_reward_model_keeps_its_head(bases, tmp_path):
 def test_chunked_add_is_bit_identical(bases, tmp_path, monkeypatch):
     """The float32 add runs a chunk of rows at a time (1 Mi elements): with tiny chunks, ragged last one
     included, a bf16 merge still has PEFT's bits."""
-    import rmconvert.lora_merge
+    import rmconvert.engine.lora_merge
 
-    monkeypatch.setattr(rmconvert.lora_merge, "ADD_CHUNK", 200)  # 3 rows of 64, 2 of 96
+    monkeypatch.setattr(rmconvert.engine.lora_merge, "ADD_CHUNK", 200)  # 3 rows of 64, 2 of 96
     base = bases["llama3-bf16"]
     adapter = build_adapter(base, tmp_path / "adapter", dtype="bfloat16", r=8, lora_alpha=8,
                             target_modules=["gate_proj", "down_proj", "k_proj"], seed=5)  # fmt: skip
@@ -355,11 +355,11 @@ def test_lora_bias_that_does_not_fit_is_refused(bases, tmp_path, bias, problem):
 def test_grown_embedding_is_merged_once(bases, tmp_path, monkeypatch):
     """A LoRA-merged embedding whose vocabulary grows: the writer merges it once and takes the mean row from those
     rows (the bytes PEFT's merge gives), not a second merge of the whole embedding."""
-    import rmconvert.lora_merge
+    import rmconvert.engine.lora_merge
 
-    merges, merged = [], rmconvert.lora_merge.merged
+    merges, merged = [], rmconvert.engine.lora_merge.merged
     monkeypatch.setattr(
-        rmconvert.lora_merge, "merged", lambda base, delta: merges.append(base.name) or merged(base, delta)
+        rmconvert.engine.lora_merge, "merged", lambda base, delta: merges.append(base.name) or merged(base, delta)
     )
     base = bases["llama2"]
     adapter = build_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["embed_tokens", "v_proj"])
@@ -371,19 +371,22 @@ def test_grown_embedding_is_merged_once(bases, tmp_path, monkeypatch):
     emb = tensors(tmp_path / "rm")[EMBEDDING]
     torch.testing.assert_close(emb[-1], emb[: report["vocab"]["from"]].double().mean(0).float())
     # the mean row alone (its rows not computed first) is the same row
-    from rmconvert.checkpoint import open_checkpoint
-    from rmconvert.head import merged_mean_row_parts
-    from rmconvert.lora import plan_merge, read_adapter
+    from rmconvert.engine.head import merged_mean_row_parts
+    from rmconvert.engine.merge import plan_merge
+    from rmconvert.families.host import load_registry
+    from rmconvert.sources.adapter import read_adapter
+    from rmconvert.sources.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(base)
-    _, mean = merged_mean_row_parts(plan_merge(read_adapter(adapter), ckpt, EMBEDDING).parts[EMBEDDING])
+    layout = load_registry().resolve(ckpt.model_type).architecture.layout(ckpt)
+    _, mean = merged_mean_row_parts(plan_merge(read_adapter(adapter), ckpt, layout).parts[EMBEDDING])
     assert mean() == emb[-1].numpy().tobytes()
 
 
 def test_tensor_bytes_reads_past_2_gib(tmp_path):
     """validate reads a tensor the adapter saved whole in full: Linux reads at most 0x7ffff000 bytes at a time."""
-    from rmconvert.lora import tensor_bytes
-    from rmconvert.safetensors_io import ByteRange, OutTensor
+    from rmconvert.engine.merge import tensor_bytes
+    from rmconvert.io.safetensors import ByteRange, OutTensor
 
     length = 0x7FFFF000 + 4096
     with open(tmp_path / "big", "wb") as f:  # sparse: zeros, then a tail that must be read too

@@ -17,7 +17,7 @@ import rmconvert
 from rmconvert import Architecture, hookimpl
 from rmconvert.cli import cli
 from rmconvert.errors import PluginError
-from rmconvert.host import DISABLE_AUTOLOAD, ENTRY_POINT_GROUP, get_plugin_manager, load_registry
+from rmconvert.families.host import DISABLE_AUTOLOAD, ENTRY_POINT_GROUP, get_plugin_manager, load_registry
 
 BUILTINS = {
     "llama": ("rmconvert.plugins.llama", ["llama"]),

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 import rmconvert
 from rmconvert.errors import CheckpointError, RMConvertError
-from rmconvert.safetensors_io import DTYPE_BITS, MAX_HEADER, Header, OutTensor, layout, read_header, tensor_nbytes
-from rmconvert.tokenizer_files import TokenizerFiles
+from rmconvert.io.safetensors import DTYPE_BITS, MAX_HEADER, Header, OutTensor, layout, read_header, tensor_nbytes
+from rmconvert.sources.tokenizer_files import TokenizerFiles
 
 STAGING = re.compile(r"^\..+\.rmconvert-(tmp|old)$")
 WHOLE_BYTE_DTYPES = sorted(d for d, bits in DTYPE_BITS.items() if bits % 8 == 0)

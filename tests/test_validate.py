@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from rmconvert import Architecture, convert, hookimpl, schemas, validate
-from rmconvert.checkpoint import open_checkpoint
 from rmconvert.cli import cli
-from rmconvert.findings import CODES, Finding
-from rmconvert.host import get_plugin_manager, load_registry
+from rmconvert.doctor.findings import CODES, Finding
+from rmconvert.families.host import get_plugin_manager, load_registry
+from rmconvert.sources.checkpoint import open_checkpoint
 from rmconvert.testing import save_as_bin
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -221,8 +221,8 @@ def test_a_scalar_parameter_loaded_with_other_values_is_reported(good_rm, writab
     import torch
     from safetensors.torch import load_file, save_file
 
-    from rmconvert.probes import _load, _reinitialised
-    from rmconvert.validation import _read
+    from rmconvert.doctor.probes import _load, _reinitialised
+    from rmconvert.doctor.validation import _read
 
     rm = writable_copy(good_rm)
     shard = shard_of(rm, "model.norm.weight")

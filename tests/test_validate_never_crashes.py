@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from rmconvert import Architecture, convert, hookimpl, validate
 from rmconvert.cli import cli
 from rmconvert.errors import CheckpointError
-from rmconvert.host import get_plugin_manager, load_registry
+from rmconvert.families.host import get_plugin_manager, load_registry
 
 LOAD_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -129,7 +129,7 @@ ODD_CHECKS = """
 import functools
 
 from rmconvert import hookimpl
-from rmconvert.findings import Finding
+from rmconvert.doctor.findings import Finding
 
 
 def scalar_head(subject, code):

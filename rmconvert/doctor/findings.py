@@ -1,19 +1,21 @@
 """What ``rmconvert validate`` reports: the codes (severity, meaning, fix), a finding, and the subject checked.
 
-Checks (:mod:`rmconvert.checks`, :mod:`rmconvert.probes`, plugins' ``rmconvert_register_checks``) import this
-module; :mod:`rmconvert.validation` runs them. The dependency runs one way.
+Checks (:mod:`rmconvert.doctor.checks`, :mod:`rmconvert.doctor.probes`, plugins' ``rmconvert_register_checks``) import this
+module; :mod:`rmconvert.doctor.validation` runs them. The dependency runs one way.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
-from .architecture import Architecture
-from .checkpoint import Checkpoint, text_config
-from .errors import CheckpointError, summary
-from .host import Registry
-from .tokenizer_files import TokenizerFiles
+from ..errors import CheckpointError, summary
+from ..families.architecture import Architecture
+from ..families.host import Registry
+from ..families.layout import Layout
+from ..sources.checkpoint import Checkpoint, text_config
+from ..sources.tokenizer_files import TokenizerFiles
 
 ERROR, WARNING = "error", "warning"
 
@@ -217,18 +219,20 @@ class Subject:
     def text_config(self) -> dict:
         return text_config(self.ckpt.config)
 
+    @cached_property
+    def layout(self) -> Layout | None:
+        """What each tensor is, as the engine sees it (:meth:`Architecture.layout`); None without an architecture.
+        An incomplete layout says why in ``layout.error`` (RM023)."""
+        return self.architecture.layout(self.ckpt) if self.architecture is not None else None
+
     @property
     def hidden_size(self) -> int | None:
-        if self.architecture is not None:
-            return self.architecture.hidden_size(self.config)
-        return self.text_config.get("hidden_size")
+        return self.layout.hidden_size if self.layout is not None else self.text_config.get("hidden_size")
 
     @property
     def score_name(self) -> str:
         """The reward head the family's sequence classifier loads (``score.weight`` unless the plugin says so)."""
-        if self.architecture is None:
-            return "score.weight"
-        return self.architecture.score_name(self.ckpt.model_type)
+        return self.layout.score if self.layout is not None else "score.weight"
 
     @property
     def right_padding_only(self) -> bool:

@@ -9,8 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import OutputError
-from .safetensors_io import write_all
+from ..errors import OutputError
+from .safetensors import write_all
 
 FILE_MODE = 0o644
 DIR_MODE = 0o755

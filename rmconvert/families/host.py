@@ -11,9 +11,9 @@ from importlib import metadata
 
 import pluggy
 
+from ..errors import CheckpointError, PluginError, UsageError
 from . import hookspecs
 from .architecture import Architecture
-from .errors import CheckpointError, PluginError, UsageError
 
 ENTRY_POINT_GROUP = "rmconvert"
 DISABLE_AUTOLOAD = "RMCONVERT_DISABLE_PLUGIN_AUTOLOAD"
@@ -96,7 +96,7 @@ def _origin(plugin, entry_points: dict[str, metadata.Distribution]) -> tuple[str
     """(distribution, version) that installed a plugin object, or ("(in-process)", "")."""
     module = plugin.__name__ if isinstance(plugin, types.ModuleType) else type(plugin).__module__
     if module.startswith("rmconvert."):
-        from . import __version__
+        from .. import __version__
 
         return "rmconvert", __version__
     dist = entry_points.get(module)

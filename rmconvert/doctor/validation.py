@@ -1,7 +1,7 @@
 """``rmconvert validate``: findings with stable codes about a reward-model checkpoint, ours or anyone's.
 
-The codes and the finding type live in :mod:`rmconvert.findings`; the checks that produce them are small
-functions in :mod:`rmconvert.checks` (static: headers and JSON only) and :mod:`rmconvert.probes`
+The codes and the finding type live in :mod:`rmconvert.doctor.findings`; the checks that produce them are small
+functions in :mod:`rmconvert.doctor.checks` (static: headers and JSON only) and :mod:`rmconvert.doctor.probes`
 (``--load`` and ``--against``: these load the model). Plugins add checks through
 ``rmconvert_register_checks``.
 """
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import CheckpointError, UsageError, summary
+from ..families.host import Registry, load_registry
+from ..sources.checkpoint import open_checkpoint, read_json, require_directory
+from ..sources.hub import resolve_source
+from ..sources.tokenizer_files import TOKENIZER, TokenizerFiles
 from . import checks
-from .checkpoint import open_checkpoint, read_json, require_directory
-from .errors import CheckpointError, UsageError, summary
 from .findings import CODES, ERROR, WARNING, Finding, Subject
-from .host import Registry, load_registry
-from .hub import resolve_source
-from .tokenizer_files import TOKENIZER, TokenizerFiles
 
 __all__ = ["CODES", "ERROR", "WARNING", "Finding", "Subject", "validate"]
 

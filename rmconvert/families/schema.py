@@ -10,7 +10,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import schemas
+from .. import schemas
 
 if TYPE_CHECKING:
     from referencing import Registry

@@ -13,10 +13,28 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
-from .errors import CheckpointError, summary
+from ..errors import CheckpointError, summary
+
+
+@contextmanager
+def quiet_transformers():
+    """No progress bars ("Loading weights") or warnings from transformers in validate's report; the loading
+    info and exceptions carry what matters. Restores the caller's settings."""
+    from transformers.utils import logging
+
+    bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 class StructureError(CheckpointError):
@@ -76,11 +94,9 @@ def _build(model_type: str, config_json: str) -> Structure:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from .probes import _quiet_transformers
-
     settings = json.loads(config_json)
     try:
-        with _quiet_transformers():  # a meta model warns about what it would do with real weights
+        with quiet_transformers():  # a meta model warns about what it would do with real weights
             config_class = CONFIG_MAPPING[model_type]
             config = config_class.from_dict(settings)
             cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_class]
@@ -129,10 +145,8 @@ def classifier_parameters(model_type: str, class_name: str) -> tuple[str, ...] |
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .probes import _quiet_transformers
-
     try:
-        with _quiet_transformers(), torch.device("meta"):
+        with quiet_transformers(), torch.device("meta"):
             model = getattr(transformers, class_name)(CONFIG_MAPPING[model_type](num_labels=1))
     except Exception:  # noqa: BLE001 (no answer: the caller keeps its default)
         return None

@@ -24,6 +24,6 @@ def rmconvert_register_checks(register) -> None:
     """Contribute checks to ``rmconvert validate``.
 
     :param register: call ``register(check)`` with a function ``check(subject)`` that takes a
-        :class:`rmconvert.findings.Subject` and yields :class:`rmconvert.findings.Finding` objects.
+        :class:`rmconvert.doctor.findings.Subject` and yields :class:`rmconvert.doctor.findings.Finding` objects.
         Give the findings the plugin's own code prefix; ``RM`` codes belong to rmconvert.
     """

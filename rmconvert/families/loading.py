@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import read_config
+from ..sources.checkpoint import read_config
 from .host import Registry, load_registry
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .checkpoint import text_config
-from .errors import CheckpointError
-from .tokenizer_files import TokenizerFiles
+from ..errors import CheckpointError
+from ..sources.checkpoint import text_config
+from ..sources.tokenizer_files import TokenizerFiles
 
 NEW_PAD = "<pad>"
 #: Names of tokens real sequences hold even though they are special: media placeholders (``<|image_pad|>``)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 MAX_HEADER = 100_000_000  # the reference reader's limit
 CAST_CHUNK = 16 << 20  # bytes read at a time when casting
@@ -241,7 +241,7 @@ class OutTensor:
 
     def as_dtype(self, dtype: str) -> OutTensor:
         """This tensor cast to float ``dtype`` (unchanged if it already is one, or is not a float)."""
-        from .dtypes import FLOAT_DTYPES, cast
+        from ..dtypes import FLOAT_DTYPES, cast
 
         if self.dtype == dtype or self.dtype not in FLOAT_DTYPES:
             return self
@@ -338,7 +338,7 @@ def write_parts(dst_fd: int, parts, stop: threading.Event | None = None, advance
     """Append parts to ``dst_fd`` in order: byte ranges copied by the kernel, casts and repeats in bounded
     chunks; checks ``stop`` between chunks so that an interrupted run ends promptly, and calls
     ``advance(nbytes)`` after each chunk (progress)."""
-    from .dtypes import cast
+    from ..dtypes import cast
 
     fds: dict[Path, int] = {}
 

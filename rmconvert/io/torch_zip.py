@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
-from .safetensors_io import DTYPE_BITS, Header, TensorInfo
+from ..errors import CheckpointError
+from .safetensors import DTYPE_BITS, Header, TensorInfo
 
 MAX_PICKLE = 100_000_000  # bytes of data.pkl read at most (a state dict's pickle is a few MB)
 LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (fields not needed), name length, extra length

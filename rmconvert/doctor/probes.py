@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import VALUE_HEAD, open_checkpoint
-from .engine import head_tensor
-from .errors import CheckpointError, summary
+from ..engine.lora_merge import TORCH_DTYPES, read_range, read_tensor
+from ..engine.pad import token_ids
+from ..errors import CheckpointError, summary
+from ..families.architecture import Architecture
+from ..families.host import Registry
+from ..families.layout import find_head
+from ..families.reward_head import accepted
+from ..families.structure import quiet_transformers
+from ..io.safetensors import TensorInfo
+from ..sources.checkpoint import open_checkpoint
+from ..sources.tokenizer_files import TOKENIZER_CONFIG
 from .findings import CODES, Finding, Subject
-from .host import Registry
-from .lora_merge import TORCH_DTYPES, read_range, read_tensor
-from .pad import token_ids
-from .reward_head import accepted
-from .safetensors_io import TensorInfo
-from .tokenizer_files import TOKENIZER_CONFIG
 
 PROBE_TEXTS = ("the answer is good and helpful", "no", "hello world, is the reward model honest?")
 CHUNK = 16 << 20
@@ -28,30 +29,13 @@ def _tolerance(dtype) -> float:
     return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
 
 
-@contextmanager
-def _quiet_transformers():
-    """No progress bars ("Loading weights") or warnings from transformers in validate's report; the loading
-    info and exceptions carry what matters. Restores the caller's settings."""
-    from transformers.utils import logging
-
-    bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def _load(subject: Subject, path: Path, causal: bool = False):
     """(model, loading info) in eval mode; never runs checkpoint code (no trust_remote_code)."""
     from transformers import AutoModelForCausalLM
 
-    from .loading import load_reward_model
+    from ..families.loading import load_reward_model
 
-    with _quiet_transformers():
+    with quiet_transformers():
         if causal:
             return AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, trust_remote_code=False)
         return load_reward_model(path, output_loading_info=True, trust_remote_code=False, registry=subject.registry)
@@ -64,7 +48,7 @@ def _probe_ids(s: Subject, vocab_size: int) -> tuple[list[list[int]], int | None
     from transformers import AutoTokenizer
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(s.path)
         ids = [list(tok(text).input_ids) for text in PROBE_TEXTS]
         pad = tok.pad_token_id
@@ -184,15 +168,15 @@ def _merged(s: Subject, src, adapter: Path | None) -> dict:
     """Tensors a fresh merge of ``adapter`` into ``src`` writes, by name (none without an adapter)."""
     if adapter is None:
         return {}
-    from .lora import plan_merge, read_adapter
+    from ..engine.merge import plan_merge
+    from ..sources.adapter import read_adapter
 
-    embedding = s.architecture.embedding_name(src) if s.architecture else "model.embed_tokens.weight"
-    return plan_merge(read_adapter(adapter), src, embedding).parts
+    return plan_merge(read_adapter(adapter), src, (s.architecture or Architecture()).layout(src)).parts
 
 
 def _merged_findings(s: Subject, ours: TensorInfo, expected) -> list[Finding]:
     """RM125 when a merged (or adapter-replaced) tensor differs from the fresh merge's bytes."""
-    from .lora import tensor_bytes
+    from ..engine.merge import tensor_bytes
 
     if ours.dtype != expected.dtype:
         return [s.finding("RM124", ours.path.name, ours.name, f"{expected.dtype} -> {ours.dtype}")]
@@ -214,13 +198,10 @@ def against_source(
         merged = _merged(s, src, adapter)
     except CheckpointError as exc:
         return [Finding("RM001", "error", str(exc.path), "", f"source: {exc.message}", CODES["RM001"].hint)]
-    arch = s.architecture
-    embedding = arch.embedding_name(s.ckpt) if arch else None
+    embedding = s.layout.embedding if s.layout else None
     findings = []
-    head = head_tensor(src, s.score_name)  # the head the conversion replaced, as the engine finds it
-    dropped = (arch.dropped(src) if arch else set()) | {head}
-    if head.startswith(VALUE_HEAD):
-        dropped |= {n for n in src.tensors if n.startswith("v_head.")}  # the bias goes too
+    # what the conversion left out of the backbone (the LM head, the head it replaced), as the engine decides it
+    dropped = (s.architecture or Architecture()).layout(src).dropped
     for name, theirs in sorted(src.tensors.items()):
         if name in dropped:
             continue
@@ -245,11 +226,12 @@ def _value_head_weight(src, score: str):
     when the conversion took another head (``score``, the architecture's, or OpenRLHF's)."""
     import torch
 
-    from .dtypes import decode
+    from ..dtypes import decode
 
-    info = src.tensors.get(VALUE_HEAD + "weight")
-    if info is None or head_tensor(src, score) != info.name:
+    head = find_head(src, score)
+    if head is None or head.kind != "value":
         return None
+    info = src.tensors[head.weight]
     raw = bytes(read_range(info.path, info.offset, info.nbytes))
     return torch.from_numpy(decode(raw, info.dtype).astype("float32")).reshape(info.shape)
 

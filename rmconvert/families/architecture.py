@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from . import schemas
-from .checkpoint import text_config
-from .errors import CheckpointError
+from .. import schemas
+from ..errors import CheckpointError
+from ..sources.checkpoint import text_config
+from .layout import Layout, describe
 
 #: Special tokens that serve as a pad when a tokenizer already carries one (Llama 3.1, OLMo 2, OLMoE, ...).
 PAD_TOKENS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]")
@@ -78,7 +80,7 @@ class Architecture:
         return self.score
 
     def embedding_name(self, ckpt) -> str:
-        """Name of the input embedding tensor of ``ckpt`` (a :class:`rmconvert.checkpoint.Checkpoint`)."""
+        """Name of the input embedding tensor of ``ckpt`` (a :class:`rmconvert.sources.checkpoint.Checkpoint`)."""
         if self.embedding not in ckpt.tensors:
             raise CheckpointError(f"no tensor {self.embedding!r}: the {self.name} layout expects it", ckpt.path)
         return self.embedding
@@ -90,6 +92,18 @@ class Architecture:
     def dropped(self, ckpt) -> set[str]:
         """Names of ``ckpt``'s tensors that have no place in the reward model (the LM head, ...)."""
         return {n for n in ckpt.tensors if n.startswith(self.lm_head_prefixes + self.drop_prefixes)}
+
+    def layout(self, ckpt) -> Layout:
+        """What every tensor of ``ckpt`` is (:class:`rmconvert.families.layout.Layout`), computed once per
+        checkpoint; the engine, ``validate`` and the LoRA planner read only this. The default describes the
+        checkpoint with :meth:`embedding_name`, :meth:`dropped`, :meth:`score_name` and :meth:`hidden_size`:
+        override those for an odd layout, or this method to compute everything at once."""
+        try:
+            embedding, error = self.embedding_name(ckpt), None
+        except CheckpointError as exc:
+            embedding, error = None, exc
+        lm_head = {n for n in ckpt.tensors if n.startswith(self.lm_head_prefixes)}
+        return replace(describe(self, ckpt, embedding, self.dropped(ckpt), lm_head), error=error)
 
     def output_config(self, config: dict) -> None:
         """Adjust the reward model's config.json in place, after the engine's own changes (default: none)."""

@@ -12,8 +12,8 @@ import os
 import threading
 from dataclasses import dataclass
 
-from .errors import CheckpointError
-from .safetensors_io import TensorInfo
+from ..errors import CheckpointError
+from ..io.safetensors import TensorInfo
 
 
 @dataclass(frozen=True)

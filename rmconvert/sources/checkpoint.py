@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
-from .safetensors_io import Header, TensorInfo, read_header
-from .torch_zip import read_torch_zip
+from ..errors import CheckpointError
+from ..io.safetensors import Header, TensorInfo, read_header
+from ..io.torch_zip import read_torch_zip
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

@@ -6,7 +6,7 @@ import and the conversion itself never needs it.
 
 from __future__ import annotations
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 
 def _mappings():
@@ -20,33 +20,40 @@ def _mappings():
 BIDIRECTIONAL = {"xlnet"}
 
 
-def decoder_only_model_types() -> set[str]:
-    """Text-only model_types with a causal-LM class, no masked-LM or encoder-decoder class (bert and bart have
+def is_decoder_only(model_type: str) -> bool:
+    """A text-only model_type with a causal-LM class, no masked-LM or encoder-decoder class (bert and bart have
     a ``*ForCausalLM`` too, but their sequence classifiers are not a ``score`` head on the last token), and a
-    sequence classifier or a backbone to build one on."""
+    sequence classifier or a backbone to build one on. Imports the configuration of ``model_type`` only."""
     auto = _mappings()
-    others = set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
-    others |= BIDIRECTIONAL
-    others |= set(auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES) | _multimodal(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    buildable = {t for t in auto.MODEL_MAPPING_NAMES if (_backbone_name(t) or "").endswith("Model")}
-    classifiable = set(auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) | buildable
-    return (set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - others) & classifiable
+    if model_type not in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type in BIDIRECTIONAL:
+        return False
+    others = (
+        auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES,
+    )
+    if any(model_type in names for names in others):
+        return False
+    native = model_type in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    if not native and not (_backbone_name(model_type) or "").endswith("Model"):
+        return False
+    return not _nests_models(model_type)
 
 
-def _multimodal(model_types) -> set[str]:
-    """model_types whose config nests other models' configs (vision, audio, a text model inside); MPT's and
-    DBRX's ``attn_config``/``ffn_config`` are groups of settings (no model_type of their own), not models."""
+def decoder_only_model_types() -> set[str]:
+    """Every :func:`is_decoder_only` model_type (imports every configuration class: slow)."""
+    return {t for t in _mappings().MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if is_decoder_only(t)}
+
+
+def _nests_models(model_type: str) -> bool:
+    """Whether the config nests other models' configs (vision, audio, a text model inside); MPT's and DBRX's
+    ``attn_config``/``ffn_config`` are groups of settings (no model_type of their own), not models."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    def nests_a_model(sub) -> bool:
-        return isinstance(sub, str) or getattr(sub, "model_type", None) != ""
-
-    return {
-        t
-        for t in model_types
-        if t in CONFIG_MAPPING
-        and any(map(nests_a_model, (getattr(CONFIG_MAPPING[t], "sub_configs", None) or {}).values()))
-    }
+    if model_type not in CONFIG_MAPPING:
+        return False
+    subs = (getattr(CONFIG_MAPPING[model_type], "sub_configs", None) or {}).values()
+    return any(isinstance(sub, str) or getattr(sub, "model_type", None) != "" for sub in subs)
 
 
 def _backbone_name(model_type: str) -> str | None:

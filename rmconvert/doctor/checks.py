@@ -1,18 +1,17 @@
 """Static checks of ``rmconvert validate``: headers and JSON only, fast and in bounded memory at any size.
 
-Each check takes a :class:`rmconvert.findings.Subject` and yields findings of its codes.
+Each check takes a :class:`rmconvert.doctor.findings.Subject` and yields findings of its codes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .checkpoint import VALUE_HEAD
-from .errors import CheckpointError
+from ..engine.pad import eos_ids
+from ..families.schema import schema_errors
+from ..sources.checkpoint import VALUE_HEAD
+from ..sources.tokenizer_files import TOKENIZER, TOKENIZER_CONFIG
 from .findings import Finding, Subject
-from .pad import eos_ids
-from .schema import schema_errors
-from .tokenizer_files import TOKENIZER, TOKENIZER_CONFIG
 
 CONFIG = "config.json"
 
@@ -86,13 +85,12 @@ def head(s: Subject) -> Iterator[Finding]:
 
 
 def embedding(s: Subject) -> Iterator[Finding]:
-    if s.architecture is None:
+    if s.layout is None:
         return
-    try:
-        name = s.architecture.embedding_name(s.ckpt)
-    except CheckpointError as exc:
-        yield s.finding("RM023", CONFIG, "", exc.message)
+    if s.layout.error is not None:
+        yield s.finding("RM023", CONFIG, "", s.layout.error.message)
         return
+    name = s.layout.embedding
     emb, vocab, hidden = s.ckpt.tensors[name], s.text_config.get("vocab_size"), s.hidden_size
     if type(vocab) is int and emb.shape[0] != vocab:
         yield s.finding("RM022", emb.path.name, name, f"{emb.shape[0]} rows but config vocab_size is {vocab}")
@@ -193,14 +191,11 @@ def policy_vocabulary(s: Subject) -> Iterator[Finding]:
     ]
     if extra or missing or moved:
         yield s.finding("RM070", TOKENIZER, "/added_tokens", "tokens: " + "; ".join(p for p in problems if p))
-    if s.architecture is None:
-        return
-    try:
-        rows = s.ckpt.tensors[s.architecture.embedding_name(s.ckpt)].shape[0]
-    except CheckpointError:
+    if s.layout is None or s.layout.embedding is None:
         return  # RM023
+    name = s.layout.embedding
+    rows = s.ckpt.tensors[name].shape[0]
     if rows < len(s.policy):
-        name = s.architecture.embedding_name(s.ckpt)
         yield s.finding(
             "RM071", s.ckpt.tensors[name].path.name, name, f"{rows} rows; the policy's ids reach {len(s.policy) - 1}"
         )

@@ -13,8 +13,8 @@ import os
 import struct
 from functools import partial
 
-from .dtypes import decode, encode
-from .safetensors_io import DTYPE_BITS, ByteRange, Computed, OutTensor, TensorInfo, materialize
+from ..dtypes import decode, encode
+from ..io.safetensors import DTYPE_BITS, ByteRange, Computed, OutTensor, TensorInfo, materialize
 
 CHUNK_BYTES = 4 << 20  # bytes of embedding rows decoded at a time
 

@@ -14,8 +14,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..errors import CheckpointError, UsageError, summary
 from .checkpoint import BIN_SINGLE, FORMATS, SINGLE, VALUE_HEAD_FILES, read_json
-from .errors import CheckpointError, UsageError, summary
 
 #: Files a conversion reads or carries over besides the weights (top level of the repo only).
 METADATA = frozenset(

@@ -1,0 +1,276 @@
+"""Plan a reward model from a checkpoint's headers and its layout: every decision made before a byte is written."""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+from dataclasses import dataclass, field
+
+from ..dtypes import FLOAT_DTYPES
+from ..errors import CheckpointError, PluginError, UsageError
+from ..families.host import Registered
+from ..families.layout import Head, Layout
+from ..io.hashing import sha256
+from ..io.safetensors import Header, OutTensor, Repeat, TensorInfo
+from ..sources.checkpoint import BIN_INDEX, INDEX, Checkpoint, read_json, text_config
+from ..sources.tokenizer_files import TOKENIZER_CONFIG, TokenizerFiles
+from .head import default_init_std, mean_row_part, merged_mean_row_parts, read_scalar, score_parts
+from .merge import plan_merge
+from .options import HEADS, Options
+from .pad import PadChoice, choose_pad
+from .shards import _plan_shards
+
+MANIFEST = "rmconvert.json"
+
+GENERATION_CONFIG = "generation_config.json"
+
+#: Files never carried over: other weight formats, which would disagree with the converted weights.
+SKIPPED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".safetensors")
+
+
+@dataclass
+class Plan:
+    """Everything the output will contain, decided before a byte is written."""
+
+    checkpoint: Checkpoint
+    registered: Registered
+    json_files: dict[str, dict]
+    generated: dict[str, bytes]  # other files written by rmconvert (the --portable modeling file)
+    shards: dict[str, Header | list[OutTensor]]  # file name -> source shard copied whole, or tensors to assemble
+    index: dict | None
+    copies: list[str]
+    report: dict = field(default_factory=dict)
+
+
+def _value_head_bias(ckpt: Checkpoint, head: Head, hidden: int) -> float:
+    """The value head's bias (0.0 without one), after checking its weight is [1, H] and its bias [1]."""
+    weight, bias = ckpt.tensors[head.weight], ckpt.tensors.get(head.bias) if head.bias else None
+    if weight.shape != (1, hidden) or weight.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(
+            f"{weight.name} is {weight.dtype}{list(weight.shape)}; a value head is [1, hidden_size={hidden}]",
+            weight.path,
+        )
+    if bias is None:
+        return 0.0
+    if bias.shape != (1,) or bias.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{bias.name} is {bias.dtype}{list(bias.shape)}; a value head's bias is [1]", bias.path)
+    return read_scalar(bias)
+
+
+def _check_shapes(ckpt: Checkpoint, layout: Layout) -> tuple[int, int]:
+    """(vocab_size, hidden_size), after checking the embedding and any head agree with config.json."""
+    vocab, hidden, embedding = layout.vocab_size, layout.hidden_size, layout.embedding
+    if type(vocab) is not int or type(hidden) is not int or vocab <= 0 or hidden <= 0:
+        raise CheckpointError("vocab_size and hidden_size must be positive integers", ckpt.config_path)
+    emb = ckpt.tensors[embedding]
+    if emb.shape != (vocab, hidden):
+        raise CheckpointError(
+            f"{embedding} is {list(emb.shape)} but config.json says vocab_size={vocab}, hidden_size={hidden}",
+            emb.path,
+        )
+    if emb.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{embedding} has dtype {emb.dtype}; expected one of {', '.join(FLOAT_DTYPES)}", emb.path)
+    head = layout.head.weight if layout.head else None
+    score = ckpt.tensors[head] if head and layout.head.kind != "value" else None  # see _value_head_bias
+    if score is not None:
+        if len(score.shape) != 2 or score.shape[0] not in (1, 2) or score.shape[1] != hidden:
+            raise CheckpointError(f"{head} is {list(score.shape)}; a reward head is [1 or 2, {hidden}]", score.path)
+        if score.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{head} has dtype {score.dtype}", score.path)
+        id2label = ckpt.config.get("id2label")
+        if isinstance(id2label, dict) and len(id2label) != score.shape[0]:
+            raise CheckpointError(
+                f"id2label has {len(id2label)} labels but {head} has {score.shape[0]} rows", ckpt.config_path
+            )
+    return vocab, hidden
+
+
+def _grown(table: TensorInfo, merged: OutTensor | None, rows: int) -> OutTensor:
+    """A vocabulary-indexed table grown to ``rows``: its rows as they are (or as the adapter merges them), then
+    the mean row for each new one (taken as the writer merges, for a merged table)."""
+    old = merged or OutTensor.copy_of(table)
+    kept, mean = old.parts, mean_row_part(table)
+    if old.parts != OutTensor.copy_of(table).parts:
+        kept, mean = merged_mean_row_parts(old)
+    return OutTensor(table.name, table.dtype, (rows, *table.shape[1:]), (*kept, Repeat(mean, rows - table.shape[0])))
+
+
+def _keep_position_pad(ckpt: Checkpoint, pad: PadChoice, options: Options) -> None:
+    """A family whose pad id indexes its position table (XGLM) scores every sequence differently under another
+    pad id: the source's pad must stay."""
+    source = text_config(ckpt.config).get("pad_token_id")
+    if pad.id == source or options.pad_token == "keep":
+        return
+    problem = (
+        f"{ckpt.model_type}'s pad id indexes its position table: pad {pad.token!r} (id {pad.id}) would move it from"
+        f" {source} and change every reward"
+    )
+    if options.pad_token != "auto":
+        raise UsageError(f"--pad-token {options.pad_token!r}: {problem}; use --pad-token keep")
+    raise CheckpointError(
+        f"{problem}; set pad_token_id to the model's pad (the real checkpoints' is 1)", ckpt.config_path
+    )
+
+
+def _output_config(ckpt: Checkpoint, registered: Registered, labels: int, vocab: int, pad: PadChoice, dtype) -> dict:
+    """config.json of the reward model: class, labels, regression, vocab, pad, no dropout; the rest preserved."""
+    config = copy.deepcopy(ckpt.config)
+    arch = registered.architecture
+    config["architectures"] = [arch.class_name(ckpt.model_type)]
+    config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
+    config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
+    config["problem_type"] = "regression"  # servers and pipelines then return raw rewards, not sigmoid/softmax
+    config.pop("num_labels", None)
+    config.pop("value_head_prefix", None)
+    text_config(config)["vocab_size"] = vocab
+    for target in {id(config): config, id(text_config(config)): text_config(config)}.values():
+        if pad.id is not None:
+            target["pad_token_id"] = pad.id
+        for name in arch.dropout_fields:
+            if isinstance(target.get(name), (int, float)) and not isinstance(target[name], bool) and target[name]:
+                target[name] = 0.0
+        for key in ("dtype", "torch_dtype"):
+            if dtype and key in target:
+                target[key] = dtype
+    arch.output_config(config)
+    return config
+
+
+def _plan_json(
+    ckpt: Checkpoint,
+    right_padding_only: bool,
+    config: dict,
+    tok: TokenizerFiles,
+    generation_config,
+    pad: PadChoice,
+    options: Options,
+) -> tuple[dict[str, dict], dict[str, bytes]]:
+    """JSON files to write (config, tokenizer files the pad or padding side change) and generated code
+    (--portable)."""
+    json_files = {"config.json": config}
+    generated = {}
+    if options.portable:
+        from ..families.modeling import PORTABLE_MODULE, portable_module
+
+        source = portable_module(ckpt.model_type, config["architectures"][0])
+        if source is not None:
+            generated[f"{PORTABLE_MODULE}.py"] = source.encode()
+            config["auto_map"] = {
+                **config.get("auto_map", {}),
+                "AutoModelForSequenceClassification": f"{PORTABLE_MODULE}.{config['architectures'][0]}",
+            }
+    if pad.token is not None and options.pad_token != "keep":
+        originals = {
+            "tokenizer.json": tok.tokenizer,
+            "tokenizer_config.json": tok.tokenizer_config,
+            "special_tokens_map.json": tok.special_tokens_map,
+        }
+        json_files.update({n: f for n, f in tok.with_pad(pad.token).items() if f != originals[n]})
+    if right_padding_only:
+        tokenizer_config = json_files.get(TOKENIZER_CONFIG, tok.tokenizer_config)
+        if tokenizer_config.get("padding_side") != "right":
+            json_files[TOKENIZER_CONFIG] = {**tokenizer_config, "padding_side": "right"}
+    if generation_config is not None and "pad_token_id" in generation_config and pad.id is not None:
+        json_files[GENERATION_CONFIG] = {**generation_config, "pad_token_id": pad.id}
+    return json_files, generated
+
+
+def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, adapter=None) -> Plan:
+    """Decide the output of converting ``ckpt`` with ``options``; reads only headers and small files.
+
+    ``adapter`` (a :class:`rmconvert.engine.merge.Adapter`) is merged into ``ckpt`` first: the plan is that of the
+    merged checkpoint, its merged tensors computed by the writers.
+    """
+    arch = registered.architecture
+    layout = arch.layout(ckpt).require()
+    merge = None
+    if adapter is not None:
+        merge = plan_merge(adapter, ckpt, layout)
+        ckpt = merge.checkpoint
+        layout = arch.layout(ckpt).require()  # the merged checkpoint: an adapter may bring the head
+    head = layout.head
+    value_head = head is not None and head.kind == "value"
+    vocab, hidden = _check_shapes(ckpt, layout)
+    bias = _value_head_bias(ckpt, head, hidden) if value_head else None
+    existing = ckpt.tensors[head.weight] if head else None
+    tok = TokenizerFiles.read(ckpt.path)
+    generation_config = read_json(ckpt.path / GENERATION_CONFIG, required=False)
+    # a value head was read at the last attended token: like a causal LM, it gets a pad distinct from eos
+    trained_pad = existing is not None and not value_head
+    pad = choose_pad(options.pad_token, tok, ckpt.config, generation_config, arch.pad_tokens, trained_pad)
+    if ckpt.model_type in arch.pad_in_positions:
+        _keep_position_pad(ckpt, pad, options)
+    tokens = len(tok) + pad.is_new
+    if tokens > 2 * vocab:
+        raise CheckpointError(
+            f"token ids reach {len(tok) - 1} but the embedding has {vocab} rows: is this the model's tokenizer?",
+            ckpt.path / "tokenizer.json",
+        )
+    new_vocab = math.ceil(max(vocab, tokens) / 8) * 8
+    labels = HEADS[options.head]
+    dropped = set(layout.dropped)
+    if layout.embedding in dropped:
+        raise PluginError(f"architecture {arch.name!r} drops the input embedding {layout.embedding}")
+
+    replaced = dict(merge.parts) if merge else {}
+    if new_vocab > vocab:  # the old rows as they are, then the mean row for each new one
+        for name in layout.vocab_tables:
+            replaced[name] = _grown(ckpt.tensors[name], replaced.get(name), new_vocab)
+    emb = ckpt.tensors[layout.embedding]
+    std = options.init_std if options.init_std is not None else default_init_std(hidden)
+    score_dtype = existing.dtype if existing else emb.dtype
+    parts, head_how = score_parts(existing, labels, hidden, score_dtype, std, options.seed, options.from_bt)
+    if value_head:
+        head_how = f"value head {head.weight}" + (" as [zeros; w]" if labels == 2 else "") + f" ({existing.dtype})"
+    score = OutTensor(layout.score, score_dtype, (labels, hidden), tuple(parts))
+    shards, index = _plan_shards(ckpt, dropped, replaced, score, options)
+
+    config = _output_config(ckpt, registered, labels, new_vocab, pad, options.dtype)
+    right_padding_only = ckpt.model_type in arch.right_padding_only
+    json_files, generated = _plan_json(ckpt, right_padding_only, config, tok, generation_config, pad, options)
+    skip = set(json_files) | set(generated) | {INDEX, BIN_INDEX, MANIFEST}
+    copies = sorted(
+        p.name
+        for p in ckpt.path.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name not in skip and not p.name.endswith(SKIPPED_SUFFIXES)
+    )
+
+    report = {
+        "source": str(ckpt.path),
+        "architecture": arch.name,
+        "class": config["architectures"][0],
+        "model_type": ckpt.model_type,
+        "source_kind": "value-head model" if value_head else "reward model" if existing is not None else "causal LM",
+        "head": {"from": existing.shape[0] if existing else None, "labels": labels, "how": head_how},
+        "pad": {"token": pad.token, "id": pad.id, "action": pad.action, "reason": pad.reason},
+        "vocab": {"from": vocab, "to": new_vocab, "tokenizer": tokens, "added_rows": new_vocab - vocab},
+        "dtype": options.dtype or "unchanged",
+        "dropped": sorted(dropped),
+        "files": sorted([*shards, *json_files, *generated, *copies, *([INDEX] if index else []), MANIFEST]),
+        "whole_file_copies": sorted(name for name, shard in shards.items() if isinstance(shard, Header)),
+        "warnings": list(pad.warnings),
+    }
+    if right_padding_only:
+        report["warnings"].append(
+            f"{ckpt.model_type}'s recurrence runs over pad tokens: score right-padded batches only"
+            " (tokenizer padding_side is right)"
+        )
+    if value_head:
+        report["value_head"] = {"file": existing.path.name, "bias": bias}
+        if bias:
+            report["warnings"].append(
+                f"value head bias {bias!r} dropped (transformers' score has no bias): every reward is {bias!r} lower"
+                " than the value head's output; preferences and rankings are unchanged (see the README to add it back)"
+            )
+    if merge is not None:
+        files = (adapter.config_path, adapter.weights) if options.hash_sources else ()
+        hashes = {p.name: sha256(p, threading.Event()) for p in files}
+        report["adapter"] = merge.report(hashes if options.hash_sources else None)
+        report["source_kind"] += f" + {adapter.task_type or 'LoRA'} adapter"
+        report["warnings"] += merge.warnings(ckpt.path)
+    if trained_pad and pad.action == "kept":
+        report["warnings"].append(
+            f"kept pad {pad.token!r} (id {pad.id}) of the reward model: changing it would move where rewards are read"
+        )
+    return Plan(ckpt, registered, json_files, generated, shards, index, copies, report)
