@@ -27,7 +27,7 @@ HEADS = ("scalar", "bt")
 
 
 class ConformanceSuite:
-    """Convert with both heads, validate (schema, head, pad, vocabulary), load with transformers with no
+    """Describe the source's tensors (the layout), convert with both heads, validate (schema, head, pad, vocabulary), load with transformers with no
     missing or unexpected keys, score padded batches like single sequences, compare the backbone with the
     source byte for byte and by hidden states, check the head rules, and check determinism."""
 
@@ -59,6 +59,22 @@ class ConformanceSuite:
             f for f in validate(root / head, load=True, against=source, registry=self.registry) if f.severity == ERROR
         ]
         assert errors == []
+
+    def test_the_layout_says_what_every_tensor_is(self, converted):
+        """The plugin's :meth:`Architecture.layout` of the source: the embedding found, kept and [vocab, hidden];
+        the LM head dropped; the reward head not yet there (a policy); the same layout asked twice."""
+        from .families.host import load_registry
+        from .sources.checkpoint import open_checkpoint
+
+        source, _, _ = converted
+        ckpt = open_checkpoint(source)
+        arch = (self.registry or load_registry()).get(self.architecture).architecture
+        layout = arch.layout(ckpt).require()
+        assert layout == arch.layout(ckpt)
+        assert layout.embedding in ckpt.tensors and layout.embedding not in layout.dropped
+        assert ckpt.tensors[layout.embedding].shape == (layout.vocab_size, layout.hidden_size)
+        assert layout.lm_head <= layout.dropped and layout.head is None
+        assert set(layout.backbone(ckpt)) == set(ckpt.tensors) - layout.dropped
 
     def test_bt_head_is_zeros_then_the_scalar_head(self, converted):
         from safetensors import safe_open

@@ -101,8 +101,8 @@ def test_wheel_maps_plugins_and_schemas_under_rmconvert(wheel):
     expected = {
         "rmconvert/__init__.py",
         "rmconvert/cli.py",
-        "rmconvert/host.py",
-        "rmconvert/hookspecs.py",
+        "rmconvert/families/host.py",
+        "rmconvert/families/hookspecs.py",
         "rmconvert/plugins/__init__.py",
         "rmconvert/plugins/llama.py",
         "rmconvert/plugins/olmo2.py",
@@ -117,7 +117,9 @@ def test_wheel_maps_plugins_and_schemas_under_rmconvert(wheel):
     expected |= {f"rmconvert/plugins/{p.name}" for p in (REPO / "plugins").glob("*.py")}
     expected |= {f"rmconvert/schemas/{p.name}" for p in (REPO / "schemas").glob("*.py")}
     expected |= {f"rmconvert/schemas/{p.name}" for p in (REPO / "schemas").glob("*.json")}
-    expected |= {f"rmconvert/{p.name}" for p in (REPO / "rmconvert").glob("*.py")}
+    expected |= {
+        f"rmconvert/{p.relative_to(REPO / 'rmconvert').as_posix()}" for p in (REPO / "rmconvert").rglob("*.py")
+    }
     assert expected <= names, sorted(expected - names)
     assert {n.split("/")[0] for n in names} == {"rmconvert", dist_info}, sorted(names)
     assert not [n for n in names if n.startswith(("plugins/", "schemas/", "tests/", "bench/"))]

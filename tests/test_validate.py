@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import shutil
 import struct
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from rmconvert.families.host import get_plugin_manager, load_registry
 from rmconvert.sources.checkpoint import open_checkpoint
 from rmconvert.testing import save_as_bin
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CODES_PAGE = Path(__file__).resolve().parents[1] / "docs" / "validate.md"
 
 
 def edit_json(path, **changes):
@@ -159,6 +161,76 @@ def test_each_defect_is_reported_with_a_fix_and_fails_validation(good_rm, writab
 def test_a_causal_lm_is_not_a_reward_model(build):
     found = {(f.code, f.where) for f in validate(build("llama3"))}
     assert {("RM010", "score.weight"), ("RM013", "lm_head.weight"), ("RM002", "/architectures/0")} <= found
+
+
+def test_a_wrong_field_is_one_finding(build):
+    """``LlamaForCausalLM`` breaks both the family's schema and the reward-model schema it extends: one
+    problem, reported once, with both messages."""
+    schema = [f for f in validate(build("llama3")) if f.code == "RM002" and f.where == "/architectures/0"]
+    assert [f.message for f in schema] == [
+        "'LlamaForCausalLM' does not match 'ForSequenceClassification$'; 'LlamaForSequenceClassification' was"
+        " expected (schema llama.schema.json)"
+    ]
+
+
+@pytest.mark.parametrize(
+    "head, id2label, expected",
+    [
+        ("scalar", None, "the config loads 2 labels but score.weight has 1 row"),  # none: transformers loads 2
+        ("bt", {"0": "LABEL_0"}, "the config loads 1 label but score.weight has 2 rows"),
+    ],
+)
+def test_label_and_row_counts_are_said_in_the_singular_for_one(source, tmp_path, head, id2label, expected):
+    convert(source, tmp_path / "rm", head=head)
+    edit_json(tmp_path / "rm" / "config.json", id2label=id2label, label2id=None)
+    found = [f.message for f in validate(tmp_path / "rm") if f.code == "RM012"]
+    assert found == [expected + " (transformers would initialise a new head at random)"]
+
+
+@pytest.mark.parametrize(
+    "kind, labels, pad, why, action",
+    [
+        (
+            "llama3",
+            2,
+            "<|finetune_right_pad_id|>",
+            "reuses the tokenizer's unused pad token, as --pad-token auto does for a causal LM",
+            "given",
+        ),
+        ("llama2", 1, "<pad>", "a new token: the tokenizer has no unused pad token", "added"),
+    ],
+)
+def test_the_pad_is_eos_hint_names_the_pad_auto_picks_and_keeps_the_head(
+    build, tmp_path, kind, labels, pad, why, action
+):
+    """RM032's fix names the pad ``--pad-token auto`` gives a causal LM (on a reward model auto keeps the trained
+    pad, so the token is named): Llama 3's unused ``<|finetune_right_pad_id|>``, reused, not a new ``<pad>``; a
+    2-label reward model stays 2-label (``--head bt``). Followed, it gives a sound reward model whose report says
+    the pad was given or added as asked, not that the vocabulary holds no pad."""
+    rm = Path(shutil.copytree(build(kind, labels=labels), tmp_path / "rm"))
+    eos = json.loads((rm / "config.json").read_text())["eos_token_id"]
+    eos = eos[-1] if isinstance(eos, list) else eos
+    edit_json(rm / "config.json", pad_token_id=eos)
+    edit_json(rm / "tokenizer_config.json", pad_token=_token(rm, eos))
+    hints = [f.hint for f in validate(rm) if f.code == "RM032"]
+    head = " --head bt" if labels == 2 else ""
+    command = f"rmconvert convert {rm} {rm}-fixed{head} --pad-token {shlex.quote(pad)}"
+    assert hints == [f"{command} ({why}; then retrain: the read position moves)"]
+    result = CliRunner().invoke(cli, shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "rm-fixed" / "rmconvert.json").read_text())["result"]
+    assert report["head"]["labels"] == labels and (report["pad"]["token"], report["pad"]["action"]) == (pad, action)
+    assert report["pad"]["reason"] == (
+        "--pad-token TOKEN" if action == "given" else "--pad-token TOKEN, not in the vocabulary"
+    )
+    assert [f.code for f in validate(tmp_path / "rm-fixed") if f.severity == "error"] == []
+
+
+def _token(path: Path, token_id: int) -> str:
+    """The text of token ``token_id`` in the tokenizer of ``path``."""
+    from rmconvert.sources.tokenizer_files import TokenizerFiles
+
+    return {i: t for t, i in TokenizerFiles.read(path).ids.items()}[token_id]
 
 
 def test_shrunk_vocabulary_is_reported(build, tmp_path):
@@ -305,5 +377,5 @@ def test_plugins_contribute_checks(good_rm):
 
 
 def test_every_code_is_documented_in_the_readme():
-    table = dict(re.findall(r"^\| (RM\d{3}) \| (.+?) \|$", README.read_text(), re.MULTILINE))
+    table = dict(re.findall(r"^\| (RM\d{3}) \| (.+?) \|$", CODES_PAGE.read_text(), re.MULTILINE))
     assert sorted(table) == sorted(CODES)

@@ -6,10 +6,12 @@ module; :mod:`rmconvert.doctor.validation` runs them. The dependency runs one wa
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
+from ..engine.pad import NEW_PAD, PadChoice, choose_pad
 from ..errors import CheckpointError, summary
 from ..families.architecture import Architecture
 from ..families.host import Registry
@@ -23,7 +25,8 @@ ERROR, WARNING = "error", "warning"
 @dataclass(frozen=True)
 class Code:
     """A kind of finding: its severity, what it means, and the fix (``{path}`` is the checkpoint as the user named
-    it, ``{fixed}`` a new directory for its fixed copy)."""
+    it, ``{fixed}`` a new directory for its fixed copy, ``{head}`` the option that keeps the head form found,
+    ``{pad}`` the pad ``--pad-token auto`` picks when the pad is an eos and ``{pad_why}`` why)."""
 
     code: str
     severity: str
@@ -31,7 +34,8 @@ class Code:
     hint: str
 
 
-FIX = "rmconvert convert {path} {fixed}"
+#: A fix by conversion keeps the head form found: a 2-label reward model stays 2-label (``{head}``: ``--head bt``).
+FIX = "rmconvert convert {path} {fixed}{head}"
 CODES = {
     c.code: c
     for c in (
@@ -86,14 +90,14 @@ CODES = {
             "RM021", ERROR, "vocab_size is smaller than the tokenizer", FIX + " (pads the vocabulary, never shrinks it)"
         ),
         Code("RM022", ERROR, "embedding rows differ from vocab_size", "set vocab_size to the embedding's rows"),
-        Code("RM023", ERROR, "the input embedding cannot be found", "check the architecture (--arch) or the plugin"),
+        Code("RM023", ERROR, "the layout cannot be told (the input embedding, the tensors to drop)", "check the architecture (--arch) or the plugin"),
         Code("RM024", ERROR, "a tensor's width differs from hidden_size", "re-export the checkpoint"),
         Code("RM031", ERROR, "pad_token_id is not below vocab_size", FIX),
         Code(
             "RM032",
             ERROR,
             "pad_token_id is an eos id: the reward is read at the wrong token",
-            FIX + " --pad-token '<pad>' (then retrain: the read position moves)",
+            FIX + " --pad-token {pad} ({pad_why}; then retrain: the read position moves)",
         ),
         Code(
             "RM033",
@@ -254,12 +258,40 @@ class Subject:
     def finding(self, code: str, file: str, where: str, message: str) -> Finding:
         """A finding of a built-in code, with its severity and fix hint."""
         kind = CODES[code]
-        return Finding(code, kind.severity, file, where, message, kind.hint.format(**self._hint_names()))
+        return Finding(code, kind.severity, file, where, message, kind.hint.format(**self._hint_names(kind.hint)))
 
-    def _hint_names(self) -> dict[str, str]:
-        """``{path}`` and ``{fixed}`` of fix hints: a repo id is fixed into a local directory, never the cache."""
+    def _hint_names(self, hint: str) -> dict[str, str]:
+        """``{path}`` and ``{fixed}`` of fix hints (a repo id is fixed into a local directory, never the cache),
+        ``{head}``, and ``{pad}`` and ``{pad_why}`` when ``hint`` names them."""
+        names = {}
+        if "{head}" in hint:
+            names["head"] = self._head_option()
+        if "{pad}" in hint:
+            names["pad"], names["pad_why"] = self._new_pad()
         if self.repo is None:
-            return {"path": str(self.path), "fixed": f"{self.path}-fixed"}
+            return {**names, "path": str(self.path), "fixed": f"{self.path}-fixed"}
         repo_id, revision = self.repo
         named = f"{repo_id} --revision {revision}" if revision else repo_id
-        return {"path": named, "fixed": f"{repo_id.split('/')[-1]}-fixed"}
+        return {**names, "path": named, "fixed": f"{repo_id.split('/')[-1]}-fixed"}
+
+    def _head_option(self) -> str:
+        """``--head bt`` for a 2-label reward model (convert's default, scalar, would make it 1-label), else none."""
+        try:
+            score = self.ckpt.tensors.get(self.score_name)
+        except Exception:  # noqa: BLE001 (a layout that raises is a finding of its own; a fix hint never fails)
+            return ""
+        return " --head bt" if score is not None and len(score.shape) == 2 and score.shape[0] == 2 else ""
+
+    def _new_pad(self) -> tuple[str, str]:
+        """The pad ``--pad-token auto`` gives a causal LM whose pad is an eos (on a reward model it keeps the
+        trained one, so the hint names the token), as a shell word, and why."""
+        preferred = (self.architecture or Architecture).pad_tokens
+        try:
+            choice = choose_pad("auto", self.tokenizer, self.config, self.generation_config, preferred, False)
+        except CheckpointError:
+            choice = PadChoice(NEW_PAD, None, "added")  # an eos id at the next free id: convert says so
+        if choice.action == "reused":
+            why = "reuses the tokenizer's unused pad token, as --pad-token auto does for a causal LM"
+        else:
+            why = "a new token: the tokenizer has no unused pad token"
+        return shlex.quote(choice.token), why

@@ -98,12 +98,12 @@ class Architecture:
         checkpoint; the engine, ``validate`` and the LoRA planner read only this. The default describes the
         checkpoint with :meth:`embedding_name`, :meth:`dropped`, :meth:`score_name` and :meth:`hidden_size`:
         override those for an odd layout, or this method to compute everything at once."""
-        try:
-            embedding, error = self.embedding_name(ckpt), None
-        except CheckpointError as exc:
-            embedding, error = None, exc
         lm_head = {n for n in ckpt.tensors if n.startswith(self.lm_head_prefixes)}
-        return replace(describe(self, ckpt, embedding, self.dropped(ckpt), lm_head), error=error)
+        try:
+            embedding, outside = self.embedding_name(ckpt), self.dropped(ckpt)
+        except CheckpointError as exc:
+            return replace(describe(self, ckpt, None, lm_head, lm_head), error=exc)
+        return describe(self, ckpt, embedding, outside, lm_head)
 
     def output_config(self, config: dict) -> None:
         """Adjust the reward model's config.json in place, after the engine's own changes (default: none)."""
