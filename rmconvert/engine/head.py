@@ -1,6 +1,6 @@
 """The score head and new embedding rows, computed in bounded memory from bytes on disk.
 
-Head rules (see README): a fresh scalar head is open-instruct's ``N(0, 1/sqrt(H+1))``; a
+Head rules (docs/cli.md): a fresh scalar head is open-instruct's ``N(0, 1/sqrt(H+1))``; a
 Bradley-Terry head is ``[zeros; w]`` so that ``logits[:, 1]`` and ``logits[:, 1] - logits[:, 0]`` both
 equal the scalar reward; a HALOs 2-label head becomes scalar by taking row 1, which is the only row
 HALOs trains.
