@@ -466,8 +466,10 @@ BAD_SOURCES = [
                 lambda s: edit_header(s / SINGLE, lambda h: h.update({"model.embedding.weight": h.pop(EMBEDDING)})),
                 "."),
     source_case("score-head-wrong-shape", "a reward head is [1 or 2,", lambda s: add_score_head(s, rows=3)),
-    source_case("id2label-disagrees-with-head", "id2label has 2 labels but score.weight has 1 rows",
+    source_case("id2label-disagrees-with-head", "id2label has 2 labels but score.weight has 1 row",
                 lambda s: add_score_head(s, rows=1, labels=2), CONFIG),
+    source_case("id2label-disagrees-with-2-row-head", "id2label has 1 label but score.weight has 2 rows",
+                lambda s: add_score_head(s, rows=2, labels=1), CONFIG),
     source_case("arch-does-not-match", "which --arch olmo2 does not convert", lambda s: None, CONFIG,
                 options=["--arch", "olmo2"]),
     # tokenizer and weight files
@@ -557,6 +559,20 @@ def test_convert_refuses_bad_source(ws, damage, culprit, problem, sharded, optio
     where = culprit(src) if callable(culprit) else src / culprit if culprit != "." else src
     damage(src)
     check_refused(src, ws.dst(), options, where, problem)
+
+
+@pytest.mark.parametrize("rows, labels", [(1, 2), (2, 1)])
+def test_label_and_row_counts_are_said_in_the_singular_for_one(ws, rows, labels):
+    """``1 row``, ``1 label``: the whole message, to its end (the cases above match a part of it)."""
+    src = ws.source(name=f"src-{rows}")
+    add_score_head(src, rows=rows, labels=labels)
+    expected = {
+        1: "id2label has 2 labels but score.weight has 1 row",
+        2: "id2label has 1 label but score.weight has 2 rows",
+    }
+    result = rmconvert("convert", src, ws.dst())
+    assert_one_error(result, src / CONFIG, expected[rows])
+    assert result.stderr.rstrip("\n").endswith(expected[rows]), result.stderr
 
 
 PAYLOADS = {

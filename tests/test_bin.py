@@ -381,3 +381,22 @@ def test_value_head_bias_warning_on_stderr(build, tmp_path):
         assert result.exit_code == 0, result.stderr
         warned = [line for line in result.stderr.splitlines() if line.startswith("rmconvert: warning: value head")]
         assert [line[: len(e)] for line, e in zip(warned, expected)] == expected and len(warned) == len(expected)
+
+
+@pytest.mark.parametrize(
+    "bias, says",
+    [
+        (0.37, "value head bias 0.37 dropped (transformers' score has no bias): every reward is 0.37 lower"),
+        (-0.25, "value head bias -0.25 dropped (transformers' score has no bias): every reward is 0.25 higher"),
+    ],
+)
+def test_value_head_bias_warning_says_which_way_rewards_move(build, tmp_path, bias, says):
+    """The reward is the value head's output minus its bias: a negative bias makes every reward higher. The
+    bias, read from float32 (0.37 is 0.3700000047683716 as a double), is printed rounded; the manifest keeps it
+    as read."""
+    src, head = with_value_head(build("llama2"), tmp_path / "src", "value_head.safetensors", bias)
+    result = convert(src, tmp_path / "rm")
+    assert [w for w in result["warnings"] if "bias" in w] == [
+        says + " than the value head's output; preferences and rankings are unchanged (see the README to add it back)"
+    ]
+    assert result["value_head"]["bias"] == head["v_head.summary.bias"].item()

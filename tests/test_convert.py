@@ -13,6 +13,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rmconvert import convert, load_reward_model, validate
+from rmconvert.engine.pad import EOS_WARNING
 from rmconvert.sources.checkpoint import open_checkpoint
 from rmconvert.testing import snapshot
 
@@ -167,7 +168,9 @@ def test_one_label_rm_to_bt_is_zeros_then_w_and_same_form_is_unchanged(converted
     assert torch.equal(tensors(dst)["score.weight"], torch.cat([torch.zeros_like(w), w]))
     src, same, report = converted("rm-1-label", head="scalar")
     assert torch.equal(tensors(same)["score.weight"], w)
-    assert report["pad"]["action"] == "kept" and any("kept pad" in w for w in report["warnings"])
+    # the trained pad, kept: said in the pad's reason, not as a warning (the source's pad is sound: not an eos)
+    assert report["pad"]["action"] == "kept" and report["pad"]["reason"] == "the pad the reward model was trained with"
+    assert report["warnings"] == []
 
 
 @pytest.mark.parametrize(
@@ -221,6 +224,10 @@ def test_explicit_pad_modes(build, tmp_path, mode, expected_action):
         assert config["pad_token_id"] == config["eos_token_id"]
         assert any("pad = eos" in w for w in report["warnings"])
         assert any(f.code == "RM032" for f in validate(tmp_path / "out"))
+    if mode == "keep":  # a causal LM: its pad is kept as asked, no reward model was trained with it
+        assert [w for w in report["warnings"] if "pad = eos" in w] == [
+            EOS_WARNING + "; kept as asked (--pad-token keep)"
+        ]
 
 
 def test_new_pad_token_is_written_consistently_to_every_tokenizer_file(converted):
@@ -266,3 +273,16 @@ def test_source_is_untouched_and_outputs_are_0644(converted, build):
     assert snapshot(src) == before
     assert {oct(p.stat().st_mode & 0o777) for p in dst.iterdir()} == {"0o644"}
     assert oct(os.stat(dst).st_mode & 0o777) == "0o755"
+
+
+def test_a_new_pad_token_asked_for_says_it_was_asked_for(build, tmp_path):
+    """``--pad-token '<pad>'`` on Llama 3 adds ``<pad>`` as asked: the report must not claim the vocabulary holds
+    no pad, as ``<|finetune_right_pad_id|>``, which auto reuses, is there."""
+    report = convert(build("llama3"), tmp_path / "out", pad_token="<pad>")
+    assert report["pad"] == {
+        "token": "<pad>",
+        "id": 296,
+        "action": "added",
+        "reason": "--pad-token TOKEN, not in the vocabulary",
+    }
+    assert convert(build("llama3"), tmp_path / "auto")["pad"]["action"] == "reused"

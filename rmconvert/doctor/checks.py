@@ -22,11 +22,23 @@ def known_architecture(s: Subject) -> Iterator[Finding]:
 
 
 def config_schema(s: Subject) -> Iterator[Finding]:
+    """One finding a field: a value the family's schema and the reward-model schema it extends both reject
+    (``LlamaForCausalLM`` in architectures: no ``ForSequenceClassification$``, not the family's class) is one
+    problem, its messages joined."""
     if s.architecture is None:
         return
+    messages: dict[str, list[str]] = {}
     for problem in schema_errors(s.config, s.architecture.schema):
         pointer, message = problem.split(": ", 1)
-        yield s.finding("RM002", CONFIG, pointer, f"{message} (schema {s.architecture.schema.name})")
+        if message not in messages.setdefault(pointer, []):
+            messages[pointer].append(message)
+    for pointer, said in messages.items():
+        yield s.finding("RM002", CONFIG, pointer, f"{'; '.join(said)} (schema {s.architecture.schema.name})")
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 row``, ``2 rows``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def remote_code(s: Subject) -> Iterator[Finding]:
@@ -79,7 +91,7 @@ def head(s: Subject) -> Iterator[Finding]:
             "RM012",
             CONFIG,
             "/id2label",
-            f"the config loads {labels} labels but {name} has {score.shape[0]} rows"
+            f"the config loads {_count(labels, 'label')} but {name} has {_count(score.shape[0], 'row')}"
             " (transformers would initialise a new head at random)",
         )
 

@@ -85,7 +85,8 @@ def choose_pad(
         if current is None:
             warnings.append("no pad token: transformers refuses batches of more than one sequence")
         elif current in eos:
-            warnings.append(EOS_WARNING + "; kept because the reward model was trained with it")
+            kept = "as asked (--pad-token keep)" if mode == "keep" else "because the reward model was trained with it"
+            warnings.append(f"{EOS_WARNING}; kept {kept}")
         reason = "--pad-token keep" if mode == "keep" else "the pad the reward model was trained with"
         return PadChoice(names.get(current), current, "keep" if mode == "keep" else "kept", reason, tuple(warnings))
     if mode == "eos":
@@ -104,17 +105,20 @@ def choose_pad(
     if mode in tok.ids:
         warnings = (EOS_WARNING,) if tok.ids[mode] in eos else ()
         return PadChoice(mode, tok.ids[mode], "given", "--pad-token TOKEN", warnings)
-    return _added(mode, tok, eos)
+    return _added(mode, tok, eos, "--pad-token TOKEN, not in the vocabulary")
 
 
-def _added(token: str, tok: TokenizerFiles, eos: set[int]) -> PadChoice:
-    """A new token at the next free id, which no eos id may claim (a config naming an id the tokenizer lacks)."""
+def _added(
+    token: str, tok: TokenizerFiles, eos: set[int], reason: str = "no pad distinct from every eos in the vocabulary"
+) -> PadChoice:
+    """A new token at the next free id, which no eos id may claim (a config naming an id the tokenizer lacks);
+    ``reason``: why (auto found no pad to reuse, or the token was asked for)."""
     if len(tok) in eos:
         raise CheckpointError(
             f"an eos_token_id is {len(tok)}, past the tokenizer's last id {len(tok) - 1}: the new pad would be an eos",
             tok.path / "config.json",
         )
-    return PadChoice(token, len(tok), "added", "no pad distinct from every eos in the vocabulary")
+    return PadChoice(token, len(tok), "added", reason)
 
 
 def _existing(tok: TokenizerFiles, eos: set[int], current: int | None, preferred, reward_model: bool) -> PadChoice:

@@ -81,7 +81,9 @@ def _check_shapes(ckpt: Checkpoint, layout: Layout) -> tuple[int, int]:
         id2label = ckpt.config.get("id2label")
         if isinstance(id2label, dict) and len(id2label) != score.shape[0]:
             raise CheckpointError(
-                f"id2label has {len(id2label)} labels but {head} has {score.shape[0]} rows", ckpt.config_path
+                f"id2label has {len(id2label)} label{'' if len(id2label) == 1 else 's'} but {head} has"
+                f" {score.shape[0]} row{'' if score.shape[0] == 1 else 's'}",
+                ckpt.config_path,
             )
     return vocab, hidden
 
@@ -260,8 +262,9 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         report["value_head"] = {"file": existing.path.name, "bias": bias}
         if bias:
             report["warnings"].append(
-                f"value head bias {bias!r} dropped (transformers' score has no bias): every reward is {bias!r} lower"
-                " than the value head's output; preferences and rankings are unchanged (see the README to add it back)"
+                f"value head bias {bias:.6g} dropped (transformers' score has no bias): every reward is"
+                f" {abs(bias):.6g} {'lower' if bias > 0 else 'higher'} than the value head's output; preferences and"
+                " rankings are unchanged (see the README to add it back)"
             )
     if merge is not None:
         files = (adapter.config_path, adapter.weights) if options.hash_sources else ()
@@ -269,8 +272,6 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         report["adapter"] = merge.report(hashes if options.hash_sources else None)
         report["source_kind"] += f" + {adapter.task_type or 'LoRA'} adapter"
         report["warnings"] += merge.warnings(ckpt.path)
-    if trained_pad and pad.action == "kept":
-        report["warnings"].append(
-            f"kept pad {pad.token!r} (id {pad.id}) of the reward model: changing it would move where rewards are read"
-        )
+    # a reward model's pad kept as it was trained is no warning (report["pad"]["reason"] says why); an unsound
+    # one (an eos, none) carries its own warning in pad.warnings
     return Plan(ckpt, registered, json_files, generated, shards, index, copies, report)
