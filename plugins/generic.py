@@ -43,6 +43,13 @@ class Generic(Architecture):
 
         return tuple(sorted(decoder_only_model_types()))
 
+    def claims(self, model_type):
+        """Whether ``model_type`` is a decoder-only family of the installed transformers, asked of it alone
+        (listing :attr:`model_types` imports every configuration class of transformers: seconds)."""
+        from rmconvert.families.modeling import is_decoder_only
+
+        return is_decoder_only(model_type)
+
     def hidden_size(self, config):
         tc = text_config(config)
         if "hidden_size" in tc:
