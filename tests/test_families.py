@@ -1,9 +1,10 @@
 """Families whose layout the generic plugin learns from transformers (the causal LM on the meta device) rather than
-from tensor shapes or names, and every decoder-only type of the installed transformers: the coverage run of ``python -m rmconvert.coverage``, whose result is in the README."""
+from tensor shapes or names, and every decoder-only type of the installed transformers: the coverage run of ``python -m rmconvert.coverage``, whose result is in docs/coverage.md."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import transformers
@@ -107,7 +108,7 @@ def test_a_family_transformers_cannot_build_falls_back_to_shapes_with_both_reaso
         generic.embedding_name(ckpt)
 
 
-#: Types that convert but do not load as a sound reward model on the latest transformers (README, "Compatibility").
+#: Types that convert but do not load as a sound reward model on the latest transformers (docs/coverage.md).
 KNOWN_EXCEPTIONS = {"cpmant"}
 
 
@@ -120,3 +121,63 @@ def test_every_decoder_only_family_converts_and_loads(tmp_path):
     failed = {t: detail for t, (outcome, detail) in results.items() if outcome == "failed"}
     assert unbuildable == {}, "give these a tiny override in rmconvert.testing"
     assert set(failed) == KNOWN_EXCEPTIONS, failed
+
+
+class _Records(logging.Handler):
+    """The messages logged to transformers' loggers."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "rwkv"])  # a backbone with a key-value cache, one without
+def test_the_built_classifier_logs_no_cache_deprecation(model_type, build, tmp_path):
+    """transformers 5 renamed ``past_key_values`` to ``cache``: the old name, as an output's keyword or
+    attribute, logs "`past_key_values`/`cache_params` are deprecated" (in every TRL run, in ``validate --load``).
+    rmconvert's built classifier uses the name its transformers declares and passes the backbone's cache on."""
+    import torch
+    from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+    from rmconvert import load_reward_model
+    from rmconvert.families.reward_head import ScoreForSequenceClassification
+
+    src = build(model_type)
+    convert(src, tmp_path / "rm")
+    getattr(logging.Logger.warning_once, "cache_clear", lambda: None)()  # transformers logs it once a process
+    records = _Records()
+    logging.getLogger("transformers").addHandler(records)
+    try:
+        assert not [f for f in validate(tmp_path / "rm", load=True, against=src) if f.severity == "error"]
+        model = load_reward_model(tmp_path / "rm")
+        assert isinstance(model, ScoreForSequenceClassification)
+        ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+        cached = model(ids, use_cache=True)
+        uncached = model(ids, use_cache=False)
+    finally:
+        logging.getLogger("transformers").removeHandler(records)
+    assert not [m for m in records.messages if "deprecated" in m], records.messages
+    cache = "cache" if "cache" in SequenceClassifierOutputWithPast.__dataclass_fields__ else "past_key_values"
+    assert list(cached.keys()) == (["logits", cache] if model_type == "olmoe" else ["logits"])  # passed on
+    assert list(uncached.keys()) == ["logits"]
+    torch.testing.assert_close(cached.logits, uncached.logits)
+
+
+def test_resolving_a_generic_family_asks_transformers_about_it_alone():
+    """``rmconvert convert`` of a gpt2 checkpoint once imported every configuration class of transformers (12 s) to
+    answer whether the generic plugin claims gpt2: only gpt2's configuration (and the auto mappings) are imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from rmconvert.families.host import load_registry\n"
+        "assert load_registry().resolve('gpt2').architecture.name == 'generic'\n"
+        "print(sorted(m for m in sys.modules if m.startswith('transformers.models.') and '.configuration_' in m"
+        " and not m.startswith('transformers.models.auto')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "['transformers.models.gpt2.configuration_gpt2']"
