@@ -18,7 +18,7 @@ LAYERS = (
     ("rmconvert.families",),
     ("rmconvert.engine",),
     ("rmconvert.doctor",),
-    ("rmconvert.testing", "rmconvert.conformance", "rmconvert.coverage", "rmconvert.demo"),
+    ("rmconvert.testing", "rmconvert.tiny_vlm", "rmconvert.conformance", "rmconvert.coverage", "rmconvert.demo"),
     ("rmconvert.cli",),
 )
 

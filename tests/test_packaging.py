@@ -17,7 +17,7 @@ import pytest
 import rmconvert
 
 REPO = Path(__file__).resolve().parents[1]
-BUILTINS = ("llama", "olmo2", "olmoe", "generic")
+BUILTINS = ("llama", "olmo2", "olmoe", "generic", "composite")
 DEMO_KINDS = ("llama3", "llama2", "olmo2", "olmoe", "qwen2")
 # Working-tree state that must not reach the build: VCS data, other builds, caches, virtualenvs.
 NOT_SOURCES = {".git", ".tox", "build", "dist", ".pytest_cache", ".ruff_cache", "__pycache__"}
@@ -108,6 +108,7 @@ def test_wheel_maps_plugins_and_schemas_under_rmconvert(wheel):
         "rmconvert/plugins/olmo2.py",
         "rmconvert/plugins/olmoe.py",
         "rmconvert/plugins/generic.py",
+        "rmconvert/plugins/composite.py",
         "rmconvert/schemas/__init__.py",
         "rmconvert/schemas/llama.schema.json",
         "rmconvert/schemas/olmo2.schema.json",

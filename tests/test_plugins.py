@@ -70,11 +70,14 @@ def test_builtins_are_listed_with_their_distribution_version_and_model_types():
 
 def test_builtin_registry_resolves_model_types():
     registry = load_registry(get_plugin_manager(autoload=False))
-    assert set(registry.entries) == {"llama", "olmo2", "olmoe", "generic"}
+    assert set(registry.entries) == {"llama", "olmo2", "olmoe", "generic", "composite"}
     for model_type in ("llama", "olmo2", "olmoe"):
         assert registry.for_model_type(model_type).architecture.name == model_type
     assert registry.for_model_type("qwen2").architecture.name == "generic"
+    assert registry.for_model_type("qwen2_vl").architecture.name == "composite"
+    assert registry.for_model_type("llama4") is None  # no composite backbone class: refused
     assert registry.entries["generic"].architecture.fallback
+    assert registry.entries["composite"].architecture.fallback
 
 
 # --- an in-process third-party plugin ----------------------------------------------------------
@@ -302,7 +305,7 @@ def test_disabling_autoload_hides_entry_point_plugins(myarch_site, build, tmp_pa
     done = run_rmconvert("plugins", "--json", site=myarch_site, cwd=tmp_path, disable_autoload=True)
     assert done.returncode == 0, done.stderr
     rows = {row["architecture"]: row for row in json.loads(done.stdout)}
-    assert set(rows) == {"llama", "olmo2", "olmoe", "generic"}
+    assert set(rows) == {"llama", "olmo2", "olmoe", "generic", "composite"}
     assert "qwen2" in rows["generic"]["model_types"]
     done = run_rmconvert(
         "convert",
@@ -330,7 +333,7 @@ def test_broken_entry_point_plugin_fails_in_one_line_naming_itself(broken_site, 
 def test_broken_entry_point_plugin_is_skipped_when_autoload_is_disabled(broken_site, tmp_path):
     done = run_rmconvert("plugins", "--json", site=broken_site, cwd=tmp_path, disable_autoload=True)
     assert done.returncode == 0, done.stderr
-    assert {row["architecture"] for row in json.loads(done.stdout)} == {"llama", "olmo2", "olmoe", "generic"}
+    assert {row["architecture"] for row in json.loads(done.stdout)} == {"llama", "olmo2", "olmoe", "generic", "composite"}
 
 
 def test_misspelled_hook_in_an_entry_point_plugin_fails_check_pending_loudly(typo_site, tmp_path):

@@ -213,6 +213,52 @@ def policy_vocabulary(s: Subject) -> Iterator[Finding]:
         )
 
 
+#: Files a vision-language reward model carries for its processor (either is enough).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+NESTED_SCORE = "language_model.score.weight"
+
+
+def vision_language(s: Subject) -> Iterator[Finding]:
+    """A composite (vision-language) reward model: names its class loads, pad where transformers reads it, no
+    generation class beside a head, media token ids inside the vocabulary and apart from the pad, processor files."""
+    if s.text_config is s.config or not isinstance(s.config.get("vision_config"), dict):
+        return
+    layout = s.layout
+    architectures = s.config.get("architectures") or []
+    classifier = any(str(a).endswith("ForSequenceClassification") for a in architectures)
+    if layout is not None and layout.error is None and layout.renamed and classifier:
+        first = min(layout.renamed)
+        shard = s.ckpt.tensors[first].path.name
+        yield s.finding(
+            "RM130",
+            shard,
+            first,
+            f"{len(layout.renamed)} tensors ({first!r}, ...) load under no key of {architectures[0]};"
+            f" it loads {layout.renamed[first]!r}",
+        )
+    top, text = s.config.get("pad_token_id"), s.text_config.get("pad_token_id")
+    if type(top) is int and type(text) is not int:
+        yield s.finding("RM131", CONFIG, "/text_config/pad_token_id", f"{text!r}; the top level says {top}")
+    heads = [n for n in (s.score_name, NESTED_SCORE) if n in s.ckpt.tensors]
+    if heads and architectures and not classifier:
+        yield s.finding(
+            "RM132", CONFIG, "/architectures", f"{architectures} beside {heads[0]} {list(s.ckpt.tensors[heads[0]].shape)}"
+        )
+    media = layout.media_ids if layout is not None else frozenset()
+    pad_id = text if type(text) is int else top
+    if type(pad_id) is int and pad_id in media:
+        yield s.finding("RM133", CONFIG, "/text_config/pad_token_id", f"{pad_id} is an image, video or audio token id")
+    vocab = s.text_config.get("vocab_size")
+    names = {i: t for t, i in s.tokenizer.ids.items()} if s.tokenizer is not None else None
+    for token_id in sorted(media):
+        if type(vocab) is int and token_id >= vocab:
+            yield s.finding("RM134", CONFIG, "", f"token id {token_id} is not below vocab_size {vocab}")
+        elif names is not None and token_id not in names:
+            yield s.finding("RM134", TOKENIZER, "", f"token id {token_id} of config.json is no token of the tokenizer")
+    if classifier and not any((s.path / f).exists() for f in PROCESSOR_FILES):
+        yield s.finding("RM135", str(s.path), "", f"none of {', '.join(PROCESSOR_FILES)}")
+
+
 #: The static checks, in report order.
 STATIC = (
     known_architecture,
@@ -231,4 +277,5 @@ STATIC = (
     dropout,
     problem_type,
     policy_vocabulary,
+    vision_language,
 )

@@ -90,7 +90,12 @@ CODES = {
             "RM021", ERROR, "vocab_size is smaller than the tokenizer", FIX + " (pads the vocabulary, never shrinks it)"
         ),
         Code("RM022", ERROR, "embedding rows differ from vocab_size", "set vocab_size to the embedding's rows"),
-        Code("RM023", ERROR, "the layout cannot be told (the input embedding, the tensors to drop)", "check the architecture (--arch) or the plugin"),
+        Code(
+            "RM023",
+            ERROR,
+            "the layout cannot be told (the input embedding, the tensors to drop)",
+            "check the architecture (--arch) or the plugin",
+        ),
         Code("RM024", ERROR, "a tensor's width differs from hidden_size", "re-export the checkpoint"),
         Code("RM031", ERROR, "pad_token_id is not below vocab_size", FIX),
         Code(
@@ -175,6 +180,46 @@ CODES = {
             WARNING,
             "a backbone tensor was cast from the source's dtype; bytes not compared",
             "expected after --dtype",
+        ),
+        Code(
+            "RM130",
+            ERROR,
+            "a vision-language reward model keeps tensor names its class does not load (Qwen2-VL/2.5-VL released"
+            " model.*, visual.*): the language model loads as random weights",
+            FIX + " (writes model.language_model.*, model.visual.*)",
+        ),
+        Code(
+            "RM131",
+            ERROR,
+            "a vision-language config has pad_token_id at the top level only: transformers reads the text config's",
+            FIX + " (writes the pad into text_config)",
+        ),
+        Code(
+            "RM132",
+            ERROR,
+            "architectures names a generation class beside a score head (ms-swift seq_cls): transformers and vLLM"
+            " load a language model, not the reward model",
+            FIX,
+        ),
+        Code(
+            "RM133",
+            ERROR,
+            "the pad is an image, video or audio token id: the reward is read before the image, or never",
+            FIX,
+        ),
+        Code(
+            "RM134",
+            ERROR,
+            "an image, video or audio token id of the config is outside the text vocabulary or unknown to the"
+            " tokenizer",
+            "re-save the processor and tokenizer of the policy with the checkpoint",
+        ),
+        Code(
+            "RM135",
+            WARNING,
+            "a vision-language reward model without processor files (preprocessor_config.json, processor_config.json):"
+            " images cannot be prepared from the checkpoint alone",
+            "copy the policy's processor files beside the weights",
         ),
         Code(
             "RM125",

@@ -73,13 +73,15 @@ def choose_pad(
     generation_config: dict | None,
     preferred: tuple[str, ...],
     reward_model: bool,
+    media: frozenset[int] = frozenset(),
 ) -> PadChoice:
-    """Pick the pad for ``mode`` (auto | eos | keep | existing | a token's text)."""
+    """Pick the pad for ``mode`` (auto | eos | keep | existing | a token's text); never one of ``media``, the
+    ids a processor inserts for images, video or audio, unless asked to keep it."""
     eos = eos_ids(config, generation_config, tok)
     names = {i: t for t, i in tok.ids.items()}
     current = current_pad_id(config, tok)
     if mode == "existing":
-        return _existing(tok, eos, current, preferred, reward_model)
+        return _existing(tok, eos, current, preferred, reward_model, media)
     if mode == "keep" or (mode == "auto" and reward_model and current is not None):
         warnings = []
         if current is None:
@@ -95,9 +97,9 @@ def choose_pad(
         eos_id = eos_id if eos_id is not None else min(eos, default=None)
         return PadChoice(names.get(eos_id), eos_id, "eos", "--pad-token eos", (EOS_WARNING,))
     if mode == "auto":
-        if current is not None and current not in eos and current in names:
+        if current is not None and current not in eos and current not in media and current in names:
             return PadChoice(names[current], current, "kept", "the configured pad, not an eos")
-        taken = eos | {tok.special_id("bos"), tok.special_id("unk")}
+        taken = eos | media | {tok.special_id("bos"), tok.special_id("unk")}
         for token in preferred:
             if token in tok.ids and tok.ids[token] not in taken:
                 return PadChoice(token, tok.ids[token], "reused", "an unused pad token already in the vocabulary")
@@ -121,12 +123,14 @@ def _added(
     return PadChoice(token, len(tok), "added", reason)
 
 
-def _existing(tok: TokenizerFiles, eos: set[int], current: int | None, preferred, reward_model: bool) -> PadChoice:
+def _existing(
+    tok: TokenizerFiles, eos: set[int], current: int | None, preferred, reward_model: bool, media=frozenset()
+) -> PadChoice:
     """A pad among the tokens the tokenizer already has, never an eos, bos or a token real sequences hold, so
     the vocabulary stays the policy's (TRL and open-instruct feed the policy's ids to a value model made from
     the reward model)."""
     names = {i: t for t, i in tok.ids.items()}
-    taken = eos | {tok.special_id("bos")}
+    taken = eos | set(media) | {tok.special_id("bos")}
     added = [(e["content"], e["id"]) for e in sorted(tok.tokenizer["added_tokens"], key=lambda e: e["id"])]
     usable = [(t, i) for t, i in added if i not in taken and not IN_USE.search(t)]
     candidates = (

@@ -115,8 +115,12 @@ def _keep_position_pad(ckpt: Checkpoint, pad: PadChoice, options: Options) -> No
     )
 
 
-def _output_config(ckpt: Checkpoint, registered: Registered, labels: int, vocab: int, pad: PadChoice, dtype) -> dict:
-    """config.json of the reward model: class, labels, regression, vocab, pad, no dropout; the rest preserved."""
+def _output_config(
+    ckpt: Checkpoint, registered: Registered, layout: Layout, labels: int, vocab: int, pad: PadChoice, dtype
+) -> dict:
+    """config.json of the reward model: class, labels, regression, vocab, pad, no dropout; the rest preserved.
+    A composite config's text config gets the vocabulary sizes (every field of ``layout.vocab_fields``), the pad
+    and the labels too (4.57's Qwen2-VL config reads attributes its text config has from there)."""
     config = copy.deepcopy(ckpt.config)
     arch = registered.architecture
     config["architectures"] = [arch.class_name(ckpt.model_type)]
@@ -125,7 +129,10 @@ def _output_config(ckpt: Checkpoint, registered: Registered, labels: int, vocab:
     config["problem_type"] = "regression"  # servers and pipelines then return raw rewards, not sigmoid/softmax
     config.pop("num_labels", None)
     config.pop("value_head_prefix", None)
-    text_config(config)["vocab_size"] = vocab
+    for name in layout.vocab_fields:
+        text_config(config)[name] = vocab
+    if text_config(config) is not config:
+        text_config(config)["id2label"], text_config(config)["label2id"] = config["id2label"], config["label2id"]
     for target in {id(config): config, id(text_config(config)): text_config(config)}.values():
         if pad.id is not None:
             target["pad_token_id"] = pad.id
@@ -200,7 +207,9 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     generation_config = read_json(ckpt.path / GENERATION_CONFIG, required=False)
     # a value head was read at the last attended token: like a causal LM, it gets a pad distinct from eos
     trained_pad = existing is not None and not value_head
-    pad = choose_pad(options.pad_token, tok, ckpt.config, generation_config, arch.pad_tokens, trained_pad)
+    pad = choose_pad(
+        options.pad_token, tok, ckpt.config, generation_config, arch.pad_tokens, trained_pad, layout.media_ids
+    )
     if ckpt.model_type in arch.pad_in_positions:
         _keep_position_pad(ckpt, pad, options)
     tokens = len(tok) + pad.is_new
@@ -226,9 +235,9 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     if value_head:
         head_how = f"value head {head.weight}" + (" as [zeros; w]" if labels == 2 else "") + f" ({existing.dtype})"
     score = OutTensor(layout.score, score_dtype, (labels, hidden), tuple(parts))
-    shards, index = _plan_shards(ckpt, dropped, replaced, score, options)
+    shards, index = _plan_shards(ckpt, dropped, replaced, score, options, layout.renamed)
 
-    config = _output_config(ckpt, registered, labels, new_vocab, pad, options.dtype)
+    config = _output_config(ckpt, registered, layout, labels, new_vocab, pad, options.dtype)
     right_padding_only = ckpt.model_type in arch.right_padding_only
     json_files, generated = _plan_json(ckpt, right_padding_only, config, tok, generation_config, pad, options)
     skip = set(json_files) | set(generated) | {INDEX, BIN_INDEX, MANIFEST}

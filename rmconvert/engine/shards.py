@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ..dtypes import TORCH_NAMES
 from ..io.safetensors import Header, OutTensor
@@ -23,14 +24,26 @@ def _reshard(tensors: list[OutTensor], limit: int) -> list[list[OutTensor]]:
     return shards
 
 
+def _sources(shard: Header, dropped: set[str]) -> list:
+    """The source tensors a shard keeps, in the order :func:`_plan_shards` lists them."""
+    return [info for info in sorted(shard.tensors.values(), key=lambda t: t.offset) if info.name not in dropped]
+
+
 def _shard_names(count: int, sharded: bool) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)] if sharded else [SINGLE]
 
 
 def _plan_shards(
-    ckpt: Checkpoint, dropped: set[str], replaced: dict[str, OutTensor], score: OutTensor, options: Options
+    ckpt: Checkpoint,
+    dropped: set[str],
+    replaced: dict[str, OutTensor],
+    score: OutTensor,
+    options: Options,
+    renamed: dict[str, str] | None = None,
 ) -> tuple[dict[str, Header | list[OutTensor]], dict | None]:
-    """The output shards (a source shard to copy whole, or the tensors to assemble) and the index."""
+    """The output shards (a source shard to copy whole, or the tensors to assemble) and the index; a tensor of
+    ``renamed`` is written under its new name (its shard is then assembled: the header changes)."""
+    renamed = renamed or {}
     target = TORCH_NAMES[options.dtype] if options.dtype else None
     grouped: list[list[OutTensor]] = []
     changed: list[bool] = []
@@ -39,11 +52,14 @@ def _plan_shards(
         for info in sorted(shard.tensors.values(), key=lambda t: t.offset):
             if info.name not in dropped:
                 tensor = replaced.get(info.name) or OutTensor.copy_of(info)
+                if info.name in renamed:
+                    tensor = replace(tensor, name=renamed[info.name])
                 kept.append(tensor.as_dtype(target) if target else tensor)
         grouped.append(kept)
         changed.append(
             len(kept) != len(shard.tensors)
-            or any(t.parts != OutTensor.copy_of(shard.tensors[t.name]).parts for t in kept)
+            or any(n in renamed for n in shard.tensors)
+            or any(t.parts != OutTensor.copy_of(info).parts for t, info in zip(kept, _sources(shard, dropped)))
             or (shard.path.suffix == ".safetensors" and (shard.metadata or {}).get("format") != "pt")
         )
     # The head joins a shard that is rewritten anyway (where the old head or lm_head was), else the last one.

@@ -22,6 +22,7 @@ BUILTIN_PLUGINS = (
     "rmconvert.plugins.olmo2",
     "rmconvert.plugins.olmoe",
     "rmconvert.plugins.generic",
+    "rmconvert.plugins.composite",
 )
 
 

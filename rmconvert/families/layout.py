@@ -51,11 +51,16 @@ class Layout:
     vocab_size: int | None
     renamed: dict[str, str] = field(default_factory=dict)  # backbone tensors written under another name
     error: CheckpointError | None = None
+    tables: tuple[str, ...] = ()  # other tensors indexed by token id (Gemma 4's embed_tokens_per_layer)
+    #: the text config's fields that hold a vocabulary size (Gemma 4's vocab_size_per_layer_input too)
+    vocab_fields: tuple[str, ...] = ("vocab_size",)
+    #: token ids the model's inputs hold besides text (image, video, audio placeholders): never the pad
+    media_ids: frozenset[int] = frozenset()
 
     @property
     def vocab_tables(self) -> tuple[str, ...]:
-        """The tensors indexed by token id, which grow with the vocabulary (the input embedding)."""
-        return (self.embedding,) if self.embedding else ()
+        """The tensors indexed by token id, which grow with the vocabulary (the input embedding first)."""
+        return ((self.embedding,) if self.embedding else ()) + self.tables
 
     def backbone(self, ckpt: Checkpoint) -> dict[str, str]:
         """Every tensor kept in the reward model: source name -> its name in the output."""

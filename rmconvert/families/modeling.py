@@ -6,7 +6,11 @@ import and the conversion itself never needs it.
 
 from __future__ import annotations
 
-from ..errors import CheckpointError
+import json
+from collections.abc import Callable
+from functools import lru_cache
+
+from ..errors import CheckpointError, summary
 
 
 def _mappings():
@@ -38,6 +42,29 @@ def is_decoder_only(model_type: str) -> bool:
     if not native and not (_backbone_name(model_type) or "").endswith("Model"):
         return False
     return not _nests_models(model_type)
+
+
+def is_composite(model_type: str) -> bool:
+    """An image-text model_type whose generation class is a composite backbone (vision tower + projector +
+    language model: transformers' ``*Model``) plus an LM head, with a ``text_config``: a vision-language policy
+    a reward model can be made of. Encoder-decoders (Florence-2, UDOP) and families without a composite
+    ``*Model`` (Llama 4) are not."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    auto = _mappings()
+    names = getattr(auto, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", {})
+    if model_type not in names or model_type not in CONFIG_MAPPING:
+        return False
+    if model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return False
+    if not (_backbone_name(model_type) or "").endswith("Model"):
+        return False
+    return "text_config" in (getattr(CONFIG_MAPPING[model_type], "sub_configs", None) or {})
+
+
+def composite_model_types() -> set[str]:
+    """Every :func:`is_composite` model_type (imports every image-text configuration class)."""
+    return {t for t in getattr(_mappings(), "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", {}) if is_composite(t)}
 
 
 def decoder_only_model_types() -> set[str]:
@@ -140,6 +167,19 @@ def build_sequence_classification_class(model_type: str, class_name: str) -> typ
 _BUILT: dict[str, type] = {}
 
 
+def reward_class(model_type: str) -> type:
+    """The reward class of ``model_type``: transformers' own (:func:`reward_class_name`), else the one
+    :func:`register_sequence_classification_class` registers (built once, not registered here)."""
+    import transformers
+
+    native = reward_class_name(model_type)
+    if native:
+        return getattr(transformers, native)
+    if model_type not in _BUILT:
+        return build_sequence_classification_class(model_type, sequence_classification_class_name(model_type))
+    return _BUILT[model_type]
+
+
 def register_sequence_classification_class(model_type: str, class_name: str) -> type:
     """Register a class for ``model_type`` with ``AutoModelForSequenceClassification`` unless transformers' own
     is the reward class (:func:`reward_class_name`); a native class with another head is overridden."""
@@ -190,3 +230,28 @@ class {class_name}(ScoreForSequenceClassification, {pretrained.__name__}):
     base_model_prefix = "{backbone_prefix(model_type)}"
     config_class = {config.__name__}
 '''
+
+
+@lru_cache(maxsize=32)
+def _reward_build(model_type: str, config_json: str) -> tuple[Callable[[str], str], frozenset[str]]:
+    import torch
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .structure import StructureError, _renamer, quiet_transformers
+
+    try:
+        with quiet_transformers():
+            config = CONFIG_MAPPING[model_type].from_dict({**json.loads(config_json), "num_labels": 1})
+            with torch.device("meta"):
+                model = reward_class(model_type)(config)
+    except Exception as exc:  # noqa: BLE001
+        raise StructureError(f"transformers cannot build {model_type}'s reward class: {summary(exc, 200)}")
+    return _renamer(model), frozenset(model.state_dict())
+
+
+def reward_loading(config: dict) -> tuple[Callable[[str], str], frozenset[str]]:
+    """How the reward class of ``config``'s family (native or built) loads a checkpoint: the key renaming it
+    applies, and its state dict's keys."""
+    from .structure import settings_key
+
+    return _reward_build(*settings_key(config))

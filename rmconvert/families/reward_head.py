@@ -6,6 +6,7 @@ Self-contained (torch and transformers only): ``--portable`` copies this source 
 import inspect
 
 import torch
+from transformers import AutoModel
 from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
@@ -22,6 +23,15 @@ class ScoreForSequenceClassification(GenericForSequenceClassification):
     """A backbone under ``base_model_prefix`` plus ``score`` (no bias), read at the rightmost token that is
     not the pad: transformers' GenericForSequenceClassification, with a forward that also takes backbones
     that keep no key-value cache (Mamba, RWKV, xLSTM, ...)."""
+
+    def __init__(self, config):
+        """transformers' own, with the head as wide as the text model (4.57's reads ``config.hidden_size``,
+        which a composite config such as LLaVA's lacks)."""
+        super(GenericForSequenceClassification, self).__init__(config)
+        self.num_labels = config.num_labels
+        setattr(self, self.base_model_prefix, AutoModel.from_config(config))
+        self.score = torch.nn.Linear(config.get_text_config().hidden_size, self.num_labels, bias=False)
+        self.post_init()
 
     def initialize_weights(self):
         """Never over loaded weights: a module whose tensors all loaded is marked initialised before the

@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 
 from ..errors import CheckpointError, summary
@@ -52,6 +52,8 @@ class Structure:
     heads: frozenset[str]  # the output head(s)' parameters, tied or not
     keys: frozenset[str]  # every key of the causal LM's state dict
     rename: Callable[[str], str]  # a checkpoint key -> the key transformers loads it as
+    vocab_tables: tuple[str, ...] = ()  # composite: other tables indexed by token id (Gemma 4's per-layer one)
+    ignored: tuple[str, ...] = ()  # patterns of checkpoint keys the class ignores on load (Qwen 3.5's mtp.*)
 
     def in_backbone(self, model_key: str) -> bool:
         return model_key.startswith(self.prefix + ".") and model_key not in self.heads
@@ -89,21 +91,23 @@ def _renamer(model) -> Callable[[str], str]:
 
 
 @lru_cache(maxsize=32)
-def _build(model_type: str, config_json: str) -> Structure:
+def _build(model_type: str, config_json: str, composite: bool = False) -> Structure:
     import torch
+    from transformers.models.auto import modeling_auto
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     settings = json.loads(config_json)
+    mapping = "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING" if composite else "MODEL_FOR_CAUSAL_LM_MAPPING"
     try:
         with quiet_transformers():  # a meta model warns about what it would do with real weights
             config_class = CONFIG_MAPPING[model_type]
             config = config_class.from_dict(settings)
-            cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_class]
+            cls = getattr(modeling_auto, mapping)[config_class]
             with torch.device("meta"):
                 model = cls(config)
     except Exception as exc:  # noqa: BLE001 (whatever transformers raises: the caller falls back, naming it)
-        raise StructureError(f"transformers cannot build {model_type}'s causal LM: {summary(exc, 200)}")
+        what = "image-text generation class" if composite else "causal LM"
+        raise StructureError(f"transformers cannot build {model_type}'s {what}: {summary(exc, 200)}")
     names = _module_names(model)
     embedding = model.get_input_embeddings()
     if names.get(id(embedding)) is None or not hasattr(embedding, "weight"):
@@ -120,21 +124,40 @@ def _build(model_type: str, config_json: str) -> Structure:
     if not prefix or not hasattr(model, prefix):  # e.g. a class that leaves it empty: the embedding's top module
         prefix = embedding_name.split(".")[0]
     keys = frozenset(model.state_dict())
-    return Structure(model_type, cls.__name__, prefix, embedding_name, frozenset(heads), keys, _renamer(model))
+    tables = ()
+    if composite:  # every table indexed by token id: the embedding's module and its siblings of as many rows
+        language_model = names[id(embedding)].rpartition(".")[0]
+        rows = embedding.weight.shape[0]
+        tables = tuple(
+            f"{name}.weight"
+            for name, module in model.named_modules()
+            if name.startswith(language_model + ".")
+            and isinstance(module, torch.nn.Embedding)
+            and module.weight.shape[0] == rows
+            and f"{name}.weight" != embedding_name
+        )
+    built = Structure(model_type, cls.__name__, prefix, embedding_name, frozenset(heads), keys, _renamer(model))
+    ignored = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    return replace(built, vocab_tables=tables, ignored=ignored) if composite else built
 
 
-def structure(config: dict) -> Structure:
-    """The layout of ``config``'s family (cached per model_type and config); StructureError when transformers
-    cannot build it. Never runs checkpoint code: ``auto_map`` is ignored, the class is transformers' own."""
+def settings_key(config: dict) -> tuple[str, str]:
     settings = {k: v for k, v in config.items() if k not in ("auto_map", "architectures")}
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         raise StructureError("config.json has no model_type")
     try:
-        key = json.dumps(settings, sort_keys=True)
+        return model_type, json.dumps(settings, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise StructureError(f"config.json cannot be serialised: {exc}") from None
-    return _build(model_type, key)
+
+
+def structure(config: dict, composite: bool = False) -> Structure:
+    """The layout of ``config``'s family (cached per model_type and config); StructureError when transformers
+    cannot build it. Never runs checkpoint code: ``auto_map`` is ignored, the class is transformers' own.
+    ``composite``: the image-text generation class (vision tower + projector + language model) rather than
+    the causal LM."""
+    return _build(*settings_key(config), composite)
 
 
 @cache

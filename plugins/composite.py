@@ -1,0 +1,147 @@
+"""Vision-language policies: every image-text family whose generation class is transformers' composite ``*Model``
+(vision tower + projector + language model) plus an LM head.
+
+The layout comes from transformers itself, as for the generic plugin: the generation class built on the meta
+device names the input embedding, every other table indexed by token id (Gemma 4's per-layer embedding), the LM
+head and the key renames applied on load; the reward class (native, or built over the same ``*Model``) says
+under which names it loads the backbone. A tensor the reward class would not load under its source name is
+written under the name it loads (Qwen2-VL and Qwen2.5-VL releases: ``model.*`` -> ``model.language_model.*``,
+``visual.*`` -> ``model.visual.*``); every other name is kept. A tensor the family does not have, or one it
+has and the checkpoint lacks (a vision tower cut short), makes the layout incomplete.
+"""
+
+import re
+
+from rmconvert import Architecture, hookimpl
+from rmconvert.errors import CheckpointError
+from rmconvert.families.layout import Head, Layout, find_head
+from rmconvert.sources.checkpoint import text_config
+
+#: ms-swift ``seq_cls`` heads trained under transformers < 4.52 sit inside the LLaVA-family language model.
+NESTED_SCORE = "language_model.score.weight"
+#: Config fields naming token ids the processor inserts (image, video, audio placeholders and their brackets).
+MEDIA_FIELD = re.compile(r"^(image|video|audio|vision|boi|eoi|boa|eoa|bov|eov)_.*(token_id|token_index)$")
+
+
+def media_ids(config: dict) -> frozenset[int]:
+    """Every token id a processor inserts, from the config's top level and its text config."""
+    ids = set()
+    for part in (config, text_config(config)):
+        for key, value in part.items():
+            if MEDIA_FIELD.match(key) and type(value) is int:
+                ids.add(value)
+    return frozenset(ids)
+
+
+class Composite(Architecture):
+    name = "composite"
+    fallback = True
+    #: Gemma 4 replaces image, video and audio placeholder ids by the pad id and embeds the pad row into every
+    #: layer's input: its pad is part of the computation and is never re-picked.
+    pad_in_positions = ("gemma4",)
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        from rmconvert.families.modeling import composite_model_types
+
+        return tuple(sorted(composite_model_types()))
+
+    def claims(self, model_type):
+        from rmconvert.families.modeling import is_composite
+
+        return is_composite(model_type)
+
+    def layout(self, ckpt) -> Layout:
+        score = self.score_name(ckpt.model_type)
+        head = find_head(ckpt, score)
+        if head is None and NESTED_SCORE in ckpt.tensors:
+            head = Head("score", NESTED_SCORE, tensors=frozenset({NESTED_SCORE}))
+        heads = head.tensors if head else frozenset()
+        tc = text_config(ckpt.config)
+        base = Layout(
+            model_type=ckpt.model_type,
+            embedding=None,
+            score=score,
+            head=head,
+            lm_head=frozenset(),
+            dropped=frozenset(heads),
+            hidden_size=tc.get("hidden_size"),
+            vocab_size=tc.get("vocab_size"),
+            media_ids=media_ids(ckpt.config),
+        )
+        try:
+            return self._layout(ckpt, base)
+        except CheckpointError as exc:
+            lm_head = {n for n in ckpt.tensors if n.startswith(("lm_head.", "language_model.lm_head."))}
+            return Layout(**{**base.__dict__, "lm_head": frozenset(lm_head), "error": exc})
+
+    def _layout(self, ckpt, base: Layout) -> Layout:
+        from rmconvert.families.modeling import reward_loading
+        from rmconvert.families.structure import structure
+
+        found = structure(ckpt.config, composite=True)
+        loads_as, reward_keys = reward_loading(ckpt.config)
+        keys = {n: found.rename(n) for n in ckpt.tensors if n not in base.dropped}
+        lm_head = {n for n, k in keys.items() if k in found.heads}
+        ignored = {n for n, k in keys.items() if k not in found.keys and any(re.search(p, n) for p in found.ignored)}
+        extra = sorted(n for n, k in keys.items() if k not in found.keys and n not in ignored and n not in lm_head)
+        if extra:
+            raise CheckpointError(
+                f"{extra[0]!r}{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''} is no tensor of"
+                f" {found.causal_lm}: not a {ckpt.model_type} checkpoint as its config describes it",
+                ckpt.path,
+            )
+        kept = {n: k for n, k in keys.items() if n not in lm_head and n not in ignored}
+        outside = sorted(n for n, k in kept.items() if not found.in_backbone(k))
+        if outside:
+            raise CheckpointError(f"{outside[0]!r} is outside {found.causal_lm}'s backbone", ckpt.path)
+        missing = sorted(found.keys - set(kept.values()) - found.heads)
+        if missing:
+            raise CheckpointError(
+                f"no tensor for {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}:"
+                f" {found.causal_lm} built from config.json has it (a vision tower or language model cut short?)",
+                ckpt.path,
+            )
+        # a layout the reward class cannot load as it is (one tensor loads elsewhere) is written whole in the
+        # names transformers itself writes for the family, which the reward class, vLLM and sglang all load
+        if any(loads_as(n) != k for n, k in kept.items()):
+            for name, key in kept.items():
+                if loads_as(key) != key or key not in reward_keys:
+                    raise CheckpointError(
+                        f"{name!r}: {found.causal_lm} loads it as {key}, the reward class as {loads_as(name)}",
+                        ckpt.path,
+                    )
+        renamed = {n: k for n, k in kept.items() if n != k} if any(loads_as(n) != k for n, k in kept.items()) else {}
+        embedding = [n for n, k in kept.items() if k == found.embedding]
+        if len(embedding) != 1:
+            raise CheckpointError(
+                f"{found.causal_lm} loads its input embedding {found.embedding} from {embedding}", ckpt.path
+            )
+        tables = tuple(sorted(n for n, k in kept.items() if k in found.vocab_tables))
+        tc = text_config(ckpt.config)
+        vocab = tc.get("vocab_size")
+        fields = ("vocab_size",) + tuple(
+            sorted(f for f, v in tc.items() if f != "vocab_size" and "vocab_size" in f and v == vocab and tables)
+        )
+        return Layout(
+            **{
+                **base.__dict__,
+                "embedding": embedding[0],
+                "lm_head": frozenset(lm_head),
+                "dropped": base.dropped | lm_head | ignored,
+                "renamed": renamed,
+                "tables": tables,
+                "vocab_fields": fields,
+            }
+        )
+
+    def dropped(self, ckpt):
+        return set(self.layout(ckpt).require().dropped)
+
+    def embedding_name(self, ckpt):
+        return self.layout(ckpt).require().embedding
+
+
+@hookimpl
+def rmconvert_register_architectures(register):
+    register(Composite())

@@ -1,0 +1,235 @@
+"""Tiny vision-language policies, built locally from transformers' own classes (tests, coverage, the benchmark).
+
+Text: hidden 64, 2 layers, a 320-row vocabulary with the image tokens at 300-303; vision: hidden 32, 2 layers.
+:func:`build_policy` saves a random policy (``AutoModelForImageTextToText``) and a word-level tokenizer that knows
+the family's image tokens; :func:`image_inputs` makes the inputs of one image+text sample without a processor
+(the image-token count asked of the model itself), as every family's forward takes them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+IMAGE, VIDEO, START, END = 300, 301, 302, 303
+VOCAB = 320
+TEXT = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+V = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+Q = {"depth": 2, "hidden_size": 32, "out_hidden_size": 64, "intermediate_size": 64, "num_heads": 4}
+MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+QWEN_IDS = {
+    "image_token_id": IMAGE,
+    "video_token_id": VIDEO,
+    "vision_start_token_id": START,
+    "vision_end_token_id": END,
+}
+QWEN3 = {"head_dim": 16, "rope_parameters": {**MROPE, "mrope_interleaved": True}}
+MOE = {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2}
+QWEN35 = {
+    "head_dim": 16,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "layer_types": ["linear_attention", "full_attention"],
+    "rope_parameters": {**MROPE, "mrope_interleaved": True, "partial_rotary_factor": 1.0},
+}
+GEMMA = {"head_dim": 16, "sliding_window": 64, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+
+#: model_type -> (text overrides, vision overrides, top-level overrides).
+CONFIGS: dict[str, tuple[dict, dict, dict]] = {
+    "qwen2_vl": (
+        {"rope_parameters": MROPE},
+        {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4, "mlp_ratio": 2, "patch_size": 14},
+        QWEN_IDS,
+    ),
+    "qwen2_5_vl": (
+        {"rope_parameters": MROPE},
+        {**Q, "patch_size": 14, "window_size": 56, "fullatt_block_indexes": [1]},
+        QWEN_IDS,
+    ),
+    "qwen3_vl": (
+        QWEN3,
+        {**Q, "patch_size": 16, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+        QWEN_IDS,
+    ),
+    "qwen3_vl_moe": (
+        {**QWEN3, **MOE},
+        {**Q, "patch_size": 16, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+        QWEN_IDS,
+    ),
+    "qwen3_5": (QWEN35, {**Q, "patch_size": 16, "num_position_embeddings": 64}, QWEN_IDS),
+    "qwen3_5_moe": (
+        {**QWEN35, **MOE, "shared_expert_intermediate_size": 32},
+        {**Q, "patch_size": 16, "num_position_embeddings": 64},
+        QWEN_IDS,
+    ),
+    "gemma3": (
+        {**GEMMA, "query_pre_attn_scalar": 16},
+        {**V, "image_size": 32, "patch_size": 8},
+        {"mm_tokens_per_image": 4, "image_token_index": IMAGE, "boi_token_index": START, "eoi_token_index": END},
+    ),
+    "llava": (
+        {"model_type": "llama"},
+        {"model_type": "clip_vision_model", **V, "image_size": 32, "patch_size": 8, "projection_dim": 32},
+        {"image_token_index": IMAGE, "vision_feature_layer": -1},
+    ),
+    "llava_next": (
+        {"model_type": "llama"},
+        {"model_type": "clip_vision_model", **V, "image_size": 32, "patch_size": 8, "projection_dim": 32},
+        {"image_token_index": IMAGE, "vision_feature_layer": -1, "image_grid_pinpoints": [[32, 32], [32, 64]]},
+    ),
+    "mistral3": (
+        {"model_type": "mistral", "head_dim": 16, "tie_word_embeddings": False},
+        {"model_type": "pixtral", **V, "head_dim": 8, "image_size": 64, "patch_size": 8},
+        {"image_token_index": 10, "spatial_merge_size": 2, "tie_word_embeddings": False},
+    ),
+    "smolvlm": (
+        {"model_type": "llama"},
+        {**V, "image_size": 32, "patch_size": 8},
+        {"image_token_id": IMAGE, "scale_factor": 2},
+    ),
+    "idefics3": (
+        {"model_type": "llama"},
+        {**V, "image_size": 32, "patch_size": 8},
+        {"image_token_id": IMAGE, "scale_factor": 2},
+    ),
+    "internvl": (
+        {"model_type": "qwen2", "tie_word_embeddings": False},
+        {**V, "image_size": [32, 32], "patch_size": [8, 8]},
+        {"image_token_id": IMAGE, "image_seq_length": 4, "downsample_ratio": 0.5},
+    ),
+    "gemma4": (
+        {
+            **GEMMA,
+            "vocab_size_per_layer_input": VOCAB,
+            "hidden_size_per_layer_input": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+        {**V, "num_key_value_heads": 4, "head_dim": 8, "patch_size": 8, "pooling_kernel_size": 2},
+        {"image_token_id": IMAGE, "boi_token_id": START, "eoi_token_id": END, "video_token_id": VIDEO},
+    ),
+}
+#: The families of issue 16: image+text rewards exact on transformers 5.24.
+FAMILIES = tuple(CONFIGS)
+#: Image token id of each family's tiny config (Mistral 3's default is 10).
+IMAGE_TOKEN = {t: CONFIGS[t][2].get("image_token_id", CONFIGS[t][2].get("image_token_index")) for t in CONFIGS}
+
+
+def available(model_type: str) -> bool:
+    """Whether the installed transformers has ``model_type``'s composite backbone (4.57 lacks Gemma 4, Qwen 3.5)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
+def tiny_config(model_type: str, **top):
+    """The tiny composite config of ``model_type``."""
+    from transformers import AutoConfig
+
+    text, vision, extra = CONFIGS[model_type]
+    text = dict(text)
+    if model_type.startswith(("qwen", "gemma")):
+        text = {**TEXT, **text}
+        text.pop("model_type", None)
+    else:
+        text = {**TEXT, **text}
+    if model_type in ("qwen3_vl_moe", "qwen3_5_moe"):
+        text.pop("intermediate_size")
+    return AutoConfig.for_model(model_type, text_config=text, vision_config=dict(vision), **extra, **top)
+
+
+def build_model(model_type: str, seed: int = 0, **top):
+    """A random tiny generation model of ``model_type`` (Gemma 3's zero-initialised projector randomised)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(tiny_config(model_type, **top)).eval()
+    projector = getattr(getattr(model.model, "multi_modal_projector", None), "mm_input_projection_weight", None)
+    if projector is not None:
+        with torch.no_grad():
+            projector.normal_(0, 0.2)
+    return model
+
+
+def tokenizer_for(model_type: str):
+    """A word-level fast tokenizer: <unk> 0, <s> 1, </s> 2, words, then the family's image tokens at their ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, 280)})
+    image = IMAGE_TOKEN[model_type]
+    specials = {"<image>": image} if image != IMAGE else {}
+    specials.update({"<image>": image, "<video>": VIDEO, "<vision_start>": START, "<vision_end>": END})
+    for token, i in specials.items():
+        vocab.setdefault(token, i)
+    vocab = {t: i for t, i in vocab.items() if list(vocab.values()).count(i) == 1 or t.startswith("<")}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(list(specials))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return fast
+
+
+def build_policy(model_type: str, path: str | Path, seed: int = 0, **top) -> Path:
+    """Save a tiny policy of ``model_type`` (safetensors, config, tokenizer) at ``path``; returns it."""
+    path = Path(path)
+    model = build_model(model_type, seed, **top)
+    model.save_pretrained(path)
+    tokenizer_for(model_type).save_pretrained(path)
+    return path
+
+
+def qwen_layout(path: str | Path, canonical: bool) -> None:
+    """Rewrite a saved Qwen2-VL/2.5-VL policy into the released layout (``model.*`` + ``visual.*``, what
+    transformers 4.57 and 5.x write for the generation class) or the canonical one (``model.language_model.*`` +
+    ``model.visual.*``, what the sequence classifier loads)."""
+    from safetensors.numpy import load_file, save_file
+
+    path = Path(path)
+    tensors = load_file(path / "model.safetensors")
+    renamed = {}
+    for name, value in tensors.items():
+        for prefix in ("model.language_model.", "model.visual.", "model.", "visual."):
+            if name.startswith(prefix):
+                rest = name[len(prefix) :]
+                vision = prefix in ("model.visual.", "visual.")
+                if canonical:
+                    name = ("model.visual." if vision else "model.language_model.") + rest
+                else:
+                    name = ("visual." if vision else "model.") + rest
+                break
+        renamed[name] = value
+    save_file(renamed, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def image_inputs(model, model_type: str, seed: int = 0, words: int = 5) -> dict:
+    """One image+text sample for ``model`` (see :func:`rmconvert.doctor.images.image_sample`)."""
+    from .doctor.images import image_sample
+
+    return image_sample(model, model_type, seed, words)
+
+
+def save_config_json(path: str | Path, change) -> None:
+    """Apply ``change(config)`` to ``path``/config.json."""
+    file = Path(path) / "config.json"
+    config = json.loads(file.read_text())
+    change(config)
+    file.write_text(json.dumps(config, indent=2))
+
+
+
+def batch(samples: list[dict], pad: int) -> dict:
+    """Samples as one right-padded batch (see :func:`rmconvert.doctor.images.batch`)."""
+    from .doctor.images import batch as batched
+
+    return batched(samples, pad)

@@ -1,0 +1,204 @@
+"""Vision-language reward models (issue 16): tiny policies of every composite family built locally, converted, loaded
+by transformers, scored on image+text inputs against the policy's own backbone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from rmconvert import convert, load_reward_model
+from rmconvert import tiny_vlm as T
+from rmconvert.cli import cli
+from rmconvert.errors import CheckpointError
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+FAMILIES = [t for t in T.FAMILIES if T.available(t)]
+LEGACY = ("qwen2_vl", "qwen2_5_vl")  # released as model.* + visual.*
+
+
+def tensors(path):
+    out = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return out
+
+
+def fresh(model):
+    """Freshly allocated weights (mmapped views may pick other CPU kernels by alignment): values compared only."""
+    for parameter in model.parameters():
+        parameter.data = parameter.data.clone()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory):
+    """``policies(model_type, legacy=False)`` -> (policy dir, converted RM dir, report), cached."""
+    cache = {}
+
+    def _get(model_type, legacy=False, **options):
+        key = (model_type, legacy, tuple(sorted(options.items())))
+        if key not in cache:
+            root = tmp_path_factory.mktemp(model_type)
+            src = T.build_policy(model_type, root / "src")
+            if model_type in LEGACY:
+                T.qwen_layout(src, canonical=not legacy)
+            cache[key] = (src, root / "rm", convert(src, root / "rm", **options))
+        return cache[key]
+
+    return _get
+
+
+CASES = [pytest.param(t, legacy, id=f"{t}{'' if t not in LEGACY else '-released' if legacy else '-canonical'}") for t in FAMILIES
+         for legacy in ((True, False) if t in LEGACY else (False,))]  # fmt: skip
+
+
+@pytest.mark.parametrize(("model_type", "legacy"), CASES)
+def test_image_text_reward_is_score_of_the_policy_backbone(policies, model_type, legacy):
+    _, dst, _ = policies(model_type, legacy)
+    rm, info = load_reward_model(dst, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    rm = fresh(rm)
+    policy = fresh(T.build_model(model_type))  # the same seed: the source's weights
+    sample = T.image_inputs(policy, model_type, seed=0)
+    with torch.no_grad():
+        expected = rm.score(policy.model(**sample).last_hidden_state)[0, -1]
+        reward = rm(**sample).logits[0]
+    assert torch.equal(reward, expected)
+    other = {**T.image_inputs(policy, model_type, seed=1), "input_ids": sample["input_ids"]}
+    other = {
+        k: sample[k] if k in ("attention_mask", "mm_token_type_ids", "token_type_ids") else v for k, v in other.items()
+    }
+    with torch.no_grad():
+        assert not torch.equal(rm(**other).logits[0], reward), "another image must change the reward"
+    # a right-padded batch reads each reward where the single row does
+    pad = rm.config.get_text_config().pad_token_id
+    short = T.image_inputs(policy, model_type, seed=2, words=2)
+    with torch.no_grad():
+        batched = rm(**T.batch([sample, short], pad)).logits
+        single = torch.cat([reward[None], rm(**short).logits])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("model_type", "legacy"), CASES)
+def test_backbone_bytes_kept_renamed_only_where_the_reward_class_needs_it(policies, model_type, legacy):
+    src, dst, report = policies(model_type, legacy)
+    before, after = tensors(src), tensors(dst)
+    lm_head = {k for k in before if k.startswith(("lm_head.", "language_model.lm_head."))}
+    assert set(report["dropped"]) == lm_head
+    expected = {}
+    for name in set(before) - lm_head:
+        if legacy and model_type in LEGACY:
+            name_out = (
+                "model." + name if name.startswith("visual.") else name.replace("model.", "model.language_model.", 1)
+            )
+        else:  # the canonical Qwen names, and every other family's, are kept
+            name_out = name
+        expected[name_out] = before[name]
+    assert set(after) == set(expected) | {"score.weight"}
+    embedding = next(
+        k
+        for k in after
+        if k.endswith(("language_model.embed_tokens.weight", "text_model.embed_tokens.weight"))
+        or k == "language_model.model.embed_tokens.weight"
+    )
+    for name, value in expected.items():
+        rows = len(value) if name != embedding else report["vocab"]["from"]
+        assert torch.equal(after[name][:rows].view(torch.uint8), value.view(torch.uint8)), name
+    assert after["score.weight"].shape == (1, 64)
+
+
+def test_released_qwen2_vl_names_would_load_the_language_model_random(policies):
+    """The regression guard: the reward class loads model.* (released names) as missing + unexpected."""
+    from rmconvert.families.modeling import reward_loading
+
+    src, dst, _ = policies("qwen2_vl", True)
+    loads_as, keys = reward_loading(json.loads((src / "config.json").read_text()))
+    unloaded = [n for n in tensors(src) if loads_as(n) not in keys and "lm_head" not in n]
+    assert len(unloaded) == 26  # 2 layers x 12 + embedding + norm
+    assert all(loads_as(n) in keys for n in tensors(dst))
+
+
+@pytest.mark.parametrize("model_type", [t for t in ("qwen2_vl", "gemma3", "llava", "gemma4") if t in FAMILIES])
+def test_config_keeps_pad_labels_and_vocab_in_the_text_config(policies, model_type):
+    _, dst, report = policies(model_type)
+    config = json.loads((dst / "config.json").read_text())
+    text = config["text_config"]
+    assert text["pad_token_id"] == report["pad"]["id"] is not None
+    assert text["pad_token_id"] not in {T.IMAGE, T.VIDEO, T.START, T.END, text.get("eos_token_id")}
+    assert text["vocab_size"] == report["vocab"]["to"] and text["vocab_size"] % 8 == 0
+    assert text["id2label"] == config["id2label"] == {"0": "LABEL_0"}
+    assert config["architectures"] == [report["class"]]
+    if model_type == "gemma4":
+        assert text["pad_token_id"] == 0, "Gemma 4's pad is part of its computation: kept"
+
+
+def test_gemma4_grows_both_vocabulary_tables_together(tmp_path):
+    if "gemma4" not in FAMILIES:
+        pytest.skip("transformers has no Gemma 4")
+    src = tmp_path / "src"
+    T.build_policy("gemma4", src)
+
+    def shrink(config):  # 306 rows: the output has 312
+        config["text_config"]["vocab_size"] = config["text_config"]["vocab_size_per_layer_input"] = 306
+
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(src / "model.safetensors")
+    for name in ("model.language_model.embed_tokens.weight", "model.language_model.embed_tokens_per_layer.weight"):
+        weights[name] = weights[name][:306].copy()
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    T.save_config_json(src, shrink)
+    report = convert(src, tmp_path / "rm")
+    assert report["vocab"] == {"from": 306, "to": 312, "tokenizer": report["vocab"]["tokenizer"], "added_rows": 6}
+    after = tensors(tmp_path / "rm")
+    assert after["model.language_model.embed_tokens.weight"].shape[0] == 312
+    assert after["model.language_model.embed_tokens_per_layer.weight"].shape[0] == 312
+    text = json.loads((tmp_path / "rm" / "config.json").read_text())["text_config"]
+    assert text["vocab_size"] == text["vocab_size_per_layer_input"] == 312
+    _, info = load_reward_model(tmp_path / "rm", output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+
+
+def test_reruns_are_byte_identical(policies, tmp_path):
+    src, dst, _ = policies("qwen2_5_vl", True)
+    convert(src, tmp_path / "again")
+    for file in dst.iterdir():
+        if file.name != "rmconvert.json":
+            assert (tmp_path / "again" / file.name).read_bytes() == file.read_bytes(), file.name
+
+
+def _cli(*args):
+    """The ``rmconvert`` CLI in-process; stdout and stderr apart."""
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("damage", ["missing", "extra"])
+def test_vision_tower_tensors_missing_or_extra_are_refused(policies, tmp_path, damage):
+    from safetensors.numpy import load_file, save_file
+
+    src, _, _ = policies("llava")
+    bad = tmp_path / "src"
+    bad.mkdir()
+    for file in src.iterdir():
+        (bad / file.name).write_bytes(file.read_bytes())
+    weights = load_file(bad / "model.safetensors")
+    vision = sorted(k for k in weights if "vision_tower" in k)
+    if damage == "missing":
+        del weights[vision[-1]]
+    else:
+        weights["vision_tower.vision_model.extra.weight"] = weights[vision[-1]]
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    result = _cli("convert", bad, tmp_path / "dst")
+    assert result.exit_code == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0], lines
+    assert ("no tensor for" if damage == "missing" else "extra.weight") in lines[0]
+    assert not (tmp_path / "dst").exists()
+    with pytest.raises(CheckpointError):
+        convert(bad, tmp_path / "dst2")
