@@ -286,3 +286,14 @@ def test_a_new_pad_token_asked_for_says_it_was_asked_for(build, tmp_path):
         "reason": "--pad-token TOKEN, not in the vocabulary",
     }
     assert convert(build("llama3"), tmp_path / "auto")["pad"]["action"] == "reused"
+
+
+@pytest.mark.parametrize("token", ["<|finetune_right_pad_id|>", "<new-pad>"])
+def test_a_reward_model_whose_pad_is_moved_by_pad_token_is_warned_about(build, tmp_path, token):
+    """Following RM032's hint on a reward model moves where rewards are read: the conversion says so, whether the
+    token is in the vocabulary or added; the same pad given again is no change and no warning."""
+    src = build("llama3", labels=2)
+    report = convert(src, tmp_path / "moved", pad_token=token)
+    assert any("changed the reward model's pad" in w and "retrain" in w for w in report["warnings"])
+    again = convert(tmp_path / "moved", tmp_path / "again", pad_token=token, head="bt")
+    assert not any("changed the reward model's pad" in w for w in again["warnings"])

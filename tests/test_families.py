@@ -166,7 +166,7 @@ def test_the_built_classifier_logs_no_cache_deprecation(model_type, build, tmp_p
     torch.testing.assert_close(cached.logits, uncached.logits)
 
 
-def test_resolving_a_generic_family_asks_transformers_about_it_alone():
+def test_resolving_a_generic_family_asks_transformers_about_it_alone(tmp_path):
     """``rmconvert convert`` of a gpt2 checkpoint once imported every configuration class of transformers (12 s) to
     answer whether the generic plugin claims gpt2: only gpt2's configuration (and the auto mappings) are imported."""
     import subprocess
@@ -179,5 +179,6 @@ def test_resolving_a_generic_family_asks_transformers_about_it_alone():
         "print(sorted(m for m in sys.modules if m.startswith('transformers.models.') and '.configuration_' in m"
         " and not m.startswith('transformers.models.auto')))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # run outside the repository: from its root, ``-c`` would import the source tree, not the installed package
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert result.stdout.strip() == "['transformers.models.gpt2.configuration_gpt2']"

@@ -7,7 +7,7 @@ transformers pools a sequence-classification model at the rightmost token that i
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import CheckpointError
 from ..sources.checkpoint import text_config
@@ -106,8 +106,13 @@ def choose_pad(
         return _added(NEW_PAD if NEW_PAD not in tok.ids else "<|rmconvert_pad|>", tok, eos)
     if mode in tok.ids:
         warnings = (EOS_WARNING,) if tok.ids[mode] in eos else ()
-        return PadChoice(mode, tok.ids[mode], "given", "--pad-token TOKEN", warnings)
-    return _added(mode, tok, eos, "--pad-token TOKEN, not in the vocabulary")
+        choice = PadChoice(mode, tok.ids[mode], "given", "--pad-token TOKEN", warnings)
+    else:
+        choice = _added(mode, tok, eos, "--pad-token TOKEN, not in the vocabulary")
+    if reward_model and choice.id != current:
+        moved = f"changed the reward model's pad to {mode!r}: this moves where rewards are read (retrain)"
+        choice = replace(choice, warnings=(*choice.warnings, moved))
+    return choice
 
 
 def _added(

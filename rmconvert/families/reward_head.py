@@ -19,6 +19,21 @@ def accepted(module, **kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if k in parameters}
 
 
+#: The field holding the key-value cache in transformers' outputs: ``cache`` once transformers 5 renamed it,
+#: ``past_key_values`` before (4.x). On 5, the old name still works but logs "`past_key_values`/`cache_params`
+#: are deprecated", as an output's constructor keyword and as its attribute alike.
+CACHE_FIELDS = ("cache", "past_key_values")
+CACHE = "cache" if "cache" in SequenceClassifierOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_of(outputs):
+    """The backbone's cache, read from the field its output class declares, never through transformers 5's
+    deprecated ``past_key_values`` alias; None for a backbone whose output holds none (RWKV, xLSTM, Mamba on
+    transformers 4, whose ``cache_params`` was never passed on), or a tuple output."""
+    fields = getattr(outputs, "__dataclass_fields__", {})
+    return next((getattr(outputs, n) for n in CACHE_FIELDS if n in fields), None)
+
+
 class ScoreForSequenceClassification(GenericForSequenceClassification):
     """A backbone under ``base_model_prefix`` plus ``score`` (no bias), read at the rightmost token that is
     not the pad: transformers' GenericForSequenceClassification, with a forward that also takes backbones
@@ -65,7 +80,7 @@ class ScoreForSequenceClassification(GenericForSequenceClassification):
         return SequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled,
-            past_key_values=getattr(outputs, "past_key_values", None),
+            **{CACHE: cache_of(outputs)},
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
