@@ -227,7 +227,6 @@ def save_config_json(path: str | Path, change) -> None:
     file.write_text(json.dumps(config, indent=2))
 
 
-
 def batch(samples: list[dict], pad: int) -> dict:
     """Samples as one right-padded batch (see :func:`rmconvert.doctor.images.batch`)."""
     from .doctor.images import batch as batched

@@ -333,7 +333,13 @@ def test_broken_entry_point_plugin_fails_in_one_line_naming_itself(broken_site, 
 def test_broken_entry_point_plugin_is_skipped_when_autoload_is_disabled(broken_site, tmp_path):
     done = run_rmconvert("plugins", "--json", site=broken_site, cwd=tmp_path, disable_autoload=True)
     assert done.returncode == 0, done.stderr
-    assert {row["architecture"] for row in json.loads(done.stdout)} == {"llama", "olmo2", "olmoe", "generic", "composite"}
+    assert {row["architecture"] for row in json.loads(done.stdout)} == {
+        "llama",
+        "olmo2",
+        "olmoe",
+        "generic",
+        "composite",
+    }
 
 
 def test_misspelled_hook_in_an_entry_point_plugin_fails_check_pending_loudly(typo_site, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from rmconvert import convert, load_reward_model
+from rmconvert import convert, load_reward_model, validate
 from rmconvert import tiny_vlm as T
 from rmconvert.cli import cli
 from rmconvert.errors import CheckpointError
@@ -202,3 +202,117 @@ def test_vision_tower_tensors_missing_or_extra_are_refused(policies, tmp_path, d
     assert not (tmp_path / "dst").exists()
     with pytest.raises(CheckpointError):
         convert(bad, tmp_path / "dst2")
+
+
+# --- reward heads the source already has ---------------------------------------------------------
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for file in src.iterdir():
+        (dst / file.name).write_bytes(file.read_bytes())
+    return dst
+
+
+def _head_source(policies, tmp_path, model_type, head_name, head, legacy=True, config=None):
+    """A policy of ``model_type`` without its LM head, with ``head`` at ``head_name`` (ms-swift seq_cls)."""
+    from safetensors.numpy import load_file, save_file
+
+    src = _copy(policies(model_type, legacy)[0], tmp_path / "src")
+    weights = {k: v for k, v in load_file(src / "model.safetensors").items() if "lm_head" not in k}
+    weights[head_name] = head.numpy()
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    T.save_config_json(src, lambda c: c.update(config or {}))
+    return src
+
+
+def _reward(path, model_type, seed=0):
+    rm = fresh(load_reward_model(path))
+    sample = T.image_inputs(rm, model_type, seed=seed)
+    with torch.no_grad():
+        return rm, sample, rm(**sample).logits[0]
+
+
+def test_skywork_vl_reward_value_head_beside_a_released_qwen2_5_vl(policies, tmp_path):
+    """Skywork-VL-Reward: a full Qwen2.5-VL (released names, lm_head) + value_head.safetensors (TRL's v_head)."""
+    from safetensors.torch import save_file
+
+    src = _copy(policies("qwen2_5_vl", True)[0], tmp_path / "src")
+    weight, bias = torch.randn(1, 64, generator=torch.Generator().manual_seed(3)), torch.tensor([0.25])
+    save_file({"v_head.summary.weight": weight, "v_head.summary.bias": bias}, src / "value_head.safetensors")
+    result = _cli("validate", src)
+    assert "RM015" in result.stdout
+    report = convert(src, tmp_path / "rm")
+    assert report["source_kind"] == "value-head model" and report["value_head"]["bias"] == 0.25
+    assert any("0.25" in w for w in report["warnings"])
+    after = tensors(tmp_path / "rm")
+    assert torch.equal(after["score.weight"], weight)
+    assert not [k for k in after if k.startswith(("visual.", "lm_head", "v_head"))]
+    _, sample, reward = _reward(tmp_path / "rm", "qwen2_5_vl")
+    policy = fresh(T.build_model("qwen2_5_vl"))
+    with torch.no_grad():  # the value head's output at the last token, less its bias
+        value = policy.model(**sample).last_hidden_state[0, -1] @ weight[0]
+    torch.testing.assert_close(reward[0], value, atol=1e-5, rtol=1e-5)
+    assert not [f for f in validate(tmp_path / "rm", against=src, load=True) if f.severity == "error"]
+
+
+@pytest.mark.parametrize(
+    ("model_type", "head_name"), [("qwen3_vl", "score.weight"), ("llava", "language_model.score.weight")]
+)
+def test_ms_swift_seq_cls_vlm_becomes_a_loadable_reward_model(policies, tmp_path, model_type, head_name):
+    """ms-swift seq_cls: score [2, H] present, architectures still the generation class; 2 -> 1 takes row 1."""
+    head = torch.randn(2, 64, generator=torch.Generator().manual_seed(4))
+    generation = {"qwen3_vl": "Qwen3VLForConditionalGeneration", "llava": "LlavaForConditionalGeneration"}
+    config = {"architectures": [generation[model_type]], "id2label": {"0": "LABEL_0", "1": "LABEL_1"}}
+    src = _head_source(policies, tmp_path, model_type, head_name, head, config=config)
+    codes = {f.code for f in validate(src)}
+    assert "RM132" in codes
+    bt = convert(src, tmp_path / "bt", head="bt")
+    scalar = convert(src, tmp_path / "scalar")
+    assert bt["source_kind"] == scalar["source_kind"] == "reward model"
+    assert torch.equal(tensors(tmp_path / "bt")["score.weight"], head)
+    assert torch.equal(tensors(tmp_path / "scalar")["score.weight"], head[1:])
+    assert json.loads((tmp_path / "scalar" / "config.json").read_text())["architectures"] == [scalar["class"]]
+    _, _, two = _reward(tmp_path / "bt", model_type)
+    _, _, one = _reward(tmp_path / "scalar", model_type)
+    torch.testing.assert_close(one[0], two[1], atol=1e-5, rtol=1e-6)  # a [1, H] and a [2, H] matmul
+    assert not [f for f in validate(tmp_path / "scalar") if f.severity == "error"]
+
+
+# --- validate ----------------------------------------------------------------------------------
+
+
+def test_validate_passes_a_converted_vlm_and_loads_image_probes(policies):
+    _, dst, _ = policies("qwen2_5_vl", True)
+    found = [(f.code, f.severity) for f in validate(dst, load=True)]
+    assert [c for c, sev in found if sev == "error"] == []
+
+
+def test_validate_against_compares_renamed_tensors_hidden_states_and_rewards_with_images(policies):
+    src, dst, _ = policies("qwen2_5_vl", True)
+    assert validate(dst, against=src, load=True) == [f for f in validate(dst) if f.severity == "warning"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "code"),
+    [("released-names", "RM130"), ("pad-top-only", "RM131"), ("pad-is-image", "RM133"), ("image-out", "RM134")],
+)
+def test_validate_reports_vlm_defects(policies, tmp_path, damage, code):
+    from safetensors.numpy import load_file, save_file
+
+    _, dst, _ = policies("qwen2_vl", False)
+    rm = _copy(dst, tmp_path / "rm")
+    if damage == "released-names":
+        T.qwen_layout(rm, canonical=False)
+        weights = load_file(rm / "model.safetensors")
+        save_file(weights, rm / "model.safetensors", metadata={"format": "pt"})
+    elif damage == "pad-top-only":
+        T.save_config_json(rm, lambda c: c["text_config"].pop("pad_token_id"))
+    elif damage == "pad-is-image":
+        T.save_config_json(
+            rm, lambda c: (c.update(pad_token_id=T.IMAGE), c["text_config"].update(pad_token_id=T.IMAGE))
+        )
+    else:
+        T.save_config_json(rm, lambda c: c.update(image_token_id=400))
+    found = validate(rm)
+    assert code in {f.code for f in found if f.severity == "error"}, found

@@ -242,7 +242,10 @@ def vision_language(s: Subject) -> Iterator[Finding]:
     heads = [n for n in (s.score_name, NESTED_SCORE) if n in s.ckpt.tensors]
     if heads and architectures and not classifier:
         yield s.finding(
-            "RM132", CONFIG, "/architectures", f"{architectures} beside {heads[0]} {list(s.ckpt.tensors[heads[0]].shape)}"
+            "RM132",
+            CONFIG,
+            "/architectures",
+            f"{architectures} beside {heads[0]} {list(s.ckpt.tensors[heads[0]].shape)}",
         )
     media = layout.media_ids if layout is not None else frozenset()
     pad_id = text if type(text) is int else top

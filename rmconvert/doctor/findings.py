@@ -222,6 +222,13 @@ CODES = {
             "copy the policy's processor files beside the weights",
         ),
         Code(
+            "RM136",
+            WARNING,
+            "(`--load`) two different images give the same reward: the vision tower or projector does not reach the"
+            " head",
+            "check the projector's weights (Gemma 3's mm_input_projection_weight is zero until trained)",
+        ),
+        Code(
             "RM125",
             ERROR,
             "a tensor merged from the LoRA adapter differs from a fresh merge (PEFT's merge_and_unload)",
@@ -282,6 +289,11 @@ class Subject:
     def score_name(self) -> str:
         """The reward head the family's sequence classifier loads (``score.weight`` unless the plugin says so)."""
         return self.layout.score if self.layout is not None else "score.weight"
+
+    @property
+    def vision_language(self) -> bool:
+        """Whether the checkpoint is a composite image-text model (a text config and a vision config)."""
+        return isinstance(self.config.get("text_config"), dict) and isinstance(self.config.get("vision_config"), dict)
 
     @property
     def right_padding_only(self) -> bool:

@@ -29,13 +29,16 @@ def _tolerance(dtype) -> float:
     return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
 
 
-def _load(subject: Subject, path: Path, causal: bool = False):
-    """(model, loading info) in eval mode; never runs checkpoint code (no trust_remote_code)."""
-    from transformers import AutoModelForCausalLM
+def _load(subject: Subject, path: Path, causal: bool = False, composite: bool = False):
+    """(model, loading info) in eval mode; never runs checkpoint code (no trust_remote_code). ``causal`` with
+    ``composite``: the image-text generation class."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from ..families.loading import load_reward_model
 
     with quiet_transformers():
+        if causal and composite:
+            return AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True, trust_remote_code=False)
         if causal:
             return AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, trust_remote_code=False)
         return load_reward_model(path, output_loading_info=True, trust_remote_code=False, registry=subject.registry)
@@ -112,6 +115,9 @@ def loaded(s: Subject) -> Iterator[Finding]:
     if keys or type(pad) is not int:
         return
     model.eval()
+    if s.vision_language:
+        yield from _image_probes(s, model, pad)
+        return
     rows = model.get_input_embeddings().num_embeddings
     singles, tokenizer_pad = _probe_ids(s, rows)
     if tokenizer_pad is not None and not 0 <= tokenizer_pad < rows:
@@ -131,6 +137,31 @@ def loaded(s: Subject) -> Iterator[Finding]:
             if not torch.allclose(batched, alone, atol=_tolerance(model.dtype), rtol=_tolerance(model.dtype)):
                 worst = (batched - alone).abs().max().item()
                 yield s.finding("RM110", "config.json", "/pad_token_id", f"{side}-padded: off by {worst:.3g}")
+
+
+def _image_probes(s: Subject, model, pad: int) -> Iterator[Finding]:
+    """A vision-language reward model on image+text probes (:mod:`rmconvert.doctor.images`): a padded batch scores
+    as one by one (RM110, both sides), and another image changes the reward (RM136)."""
+    import torch
+
+    from .images import batch, image_sample, with_image_of
+
+    if not 0 <= pad < model.get_input_embeddings().num_embeddings:
+        return  # RM031 or RM022 of the static checks
+    text = [t for t in range(3, 3 + 8) if t != pad]
+    singles = [image_sample(model, s.ckpt.model_type, seed=i, text=text[: 5 - 3 * i]) for i in range(2)]
+    tol = _tolerance(model.dtype)
+    with torch.no_grad():
+        alone = torch.cat([model(**x, **accepted(model, use_cache=False)).logits for x in singles])
+        batched = model(**batch(singles, pad), **accepted(model, use_cache=False)).logits
+        if not torch.allclose(batched, alone, atol=tol, rtol=tol):
+            worst = (batched - alone).abs().max().item()
+            yield s.finding(
+                "RM110", "config.json", "/text_config/pad_token_id", f"right-padded, with images: off by {worst:.3g}"
+            )
+        other = with_image_of(singles[0], image_sample(model, s.ckpt.model_type, seed=7, text=text[:5]))
+        if torch.equal(model(**other, **accepted(model, use_cache=False)).logits, alone[:1]):
+            yield s.finding("RM136", s.weights_file, "", "two different images give the same reward")
 
 
 def _reinitialised(s: Subject, model) -> Iterator[Finding]:
@@ -198,23 +229,26 @@ def against_source(
         merged = _merged(s, src, adapter)
     except CheckpointError as exc:
         return [Finding("RM001", "error", str(exc.path), "", f"source: {exc.message}", CODES["RM001"].hint)]
-    embedding = s.layout.embedding if s.layout else None
+    tables = set(s.layout.vocab_tables) if s.layout and s.layout.error is None else set()
     findings = []
     # what the conversion left out of the backbone (the LM head, the head it replaced), as the engine decides it
-    dropped = (s.architecture or Architecture()).layout(src).dropped
+    src_layout = (s.architecture or Architecture()).layout(src)
+    dropped, renamed = src_layout.dropped, src_layout.renamed  # the names the engine wrote them under
     for name, theirs in sorted(src.tensors.items()):
         if name in dropped:
             continue
-        ours = s.ckpt.tensors.get(name)
+        ours = s.ckpt.tensors.get(renamed.get(name, name))
         if ours is not None and name in merged:
             findings += _merged_findings(s, ours, merged[name])
         elif ours is None:
             findings.append(s.finding("RM121", str(source), name, "in the source, not in the reward model"))
         elif ours.dtype != theirs.dtype:
             findings.append(s.finding("RM124", ours.path.name, name, f"{theirs.dtype} -> {ours.dtype}"))
-        elif ours.shape[1:] != theirs.shape[1:] or (name != embedding and ours.shape != theirs.shape):
+        elif ours.shape[1:] != theirs.shape[1:] or (ours.name not in tables and ours.shape != theirs.shape):
             findings.append(s.finding("RM120", ours.path.name, name, f"{list(theirs.shape)} -> {list(ours.shape)}"))
-        elif not _same_bytes(ours, theirs, theirs.nbytes if name != embedding else min(ours.nbytes, theirs.nbytes)):
+        elif not _same_bytes(
+            ours, theirs, theirs.nbytes if ours.name not in tables else min(ours.nbytes, theirs.nbytes)
+        ):
             findings.append(s.finding("RM120", ours.path.name, name, "bytes differ"))
     if load and not findings and not merged:
         findings += _compare_outputs(s, src)
@@ -245,13 +279,15 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
     value_head = _value_head_weight(src, s.score_name)
     try:
         ours, _ = _load(s, s.path)
-        theirs, _ = _load(s, src.path, causal=not source_is_rm)
+        theirs, _ = _load(s, src.path, causal=not source_is_rm, composite=s.vision_language)
     except Exception as exc:  # noqa: BLE001 (whatever transformers raises is the finding)
         return [_load_failed(s, exc)]
     for model in (ours, theirs):  # fresh allocations: CPU kernels may pick code paths by address alignment
         model.eval()
         for parameter in model.parameters():
             parameter.data = parameter.data.clone()
+    if s.vision_language:
+        return _compare_with_images(s, ours, theirs, value_head, source_is_rm)
     singles = [torch.tensor([ids]) for ids in _probe_ids(s, ours.get_input_embeddings().num_embeddings)[0]]
     findings, values = [], []
     with torch.no_grad():
@@ -274,6 +310,36 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
             r_theirs = torch.cat([theirs(ids, **accepted(theirs, use_cache=False)).logits for ids in singles])
             if not _rewards_agree(r_ours, r_theirs, _tolerance(ours.dtype)):
                 findings.append(s.finding("RM123", s.weights_file, s.score_name, "rewards disagree"))
+    return findings
+
+
+def _compare_with_images(s: Subject, ours, theirs, value_head, source_is_rm: bool) -> list[Finding]:
+    """``--against`` for a vision-language model: on image+text probes, the backbones' last hidden states are
+    equal (RM122); rewards follow the source's value head or reward head (RM123)."""
+    import torch
+
+    from .images import image_sample
+
+    backbone = lambda model: getattr(model, model.base_model_prefix)
+    samples = [image_sample(ours, s.ckpt.model_type, seed=i, text=list(range(3 + i, 8))) for i in range(2)]
+    findings = []
+    with torch.no_grad():
+        for x in samples:
+            a = backbone(ours)(**x).last_hidden_state
+            b = backbone(theirs)(**x).last_hidden_state
+            if not torch.equal(a, b):
+                diff = (a.float() - b.float()).abs().max().item()
+                return [s.finding("RM122", s.weights_file, "", f"with an image: max difference {diff:.3g}")]
+            r_ours = ours(**x).logits.float()
+            if value_head is not None:
+                expected = b[:, -1].float() @ value_head.T
+            elif source_is_rm:
+                expected = theirs(**x).logits.float()
+            else:
+                continue
+            if not _rewards_agree(r_ours, expected, _tolerance(ours.dtype)):
+                findings.append(s.finding("RM123", s.weights_file, s.score_name, "rewards disagree, with an image"))
+                break
     return findings
 
 
