@@ -11,6 +11,7 @@ has and the checkpoint lacks (a vision tower cut short), makes the layout incomp
 """
 
 import re
+from dataclasses import replace
 
 from rmconvert import Architecture, hookimpl
 from rmconvert.errors import CheckpointError
@@ -31,6 +32,17 @@ def media_ids(config: dict) -> frozenset[int]:
             if MEDIA_FIELD.match(key) and type(value) is int:
                 ids.add(value)
     return frozenset(ids)
+
+
+def _text_model_type(config: dict) -> str | None:
+    """The model_type of a composite config's language model (its text config's, else the config class's)."""
+    declared = text_config(config).get("model_type")
+    if isinstance(declared, str) and declared:
+        return declared
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    sub = (getattr(CONFIG_MAPPING.get(config.get("model_type"), None), "sub_configs", None) or {}).get("text_config")
+    return getattr(sub, "model_type", None) or None
 
 
 class Composite(Architecture):
@@ -134,6 +146,56 @@ class Composite(Architecture):
                 "vocab_fields": fields,
             }
         )
+
+    def text_only(self, ckpt):
+        """The language model alone, as a checkpoint of its text family (``--text-only``): the config is the text
+        config (with the family's model_type), the tensors the language model's, under the names the text
+        family's causal LM loads (its backbone prefix for the composite's language-model module); the vision
+        tower and projector are left out. The weight files are seen through a view: written, never copied whole.
+        Refused when transformers has no text-only class for the language model (Qwen2-VL's ``qwen2_vl_text``)."""
+        from rmconvert.families.modeling import is_decoder_only
+        from rmconvert.families.structure import StructureError, structure
+
+        layout = self.layout(ckpt).require()
+        text_type = _text_model_type(ckpt.config)
+        if not text_type or not is_decoder_only(text_type):
+            raise CheckpointError(
+                f"--text-only: {ckpt.model_type}'s language model ({text_type}) has no text-only class in"
+                " transformers; convert it with its vision tower",
+                ckpt.config_path,
+            )
+        config = {**text_config(ckpt.config), "model_type": text_type}
+        for key in ("architectures", "dtype", "torch_dtype", "transformers_version"):
+            if key in ckpt.config and key not in config:
+                config[key] = ckpt.config[key]
+        if type(ckpt.config.get("pad_token_id")) is int and type(config.get("pad_token_id")) is not int:
+            config["pad_token_id"] = ckpt.config["pad_token_id"]
+        found = structure(ckpt.config, composite=True)
+        try:
+            text = structure(config)
+        except StructureError as exc:
+            raise CheckpointError(f"--text-only: {exc.message}", ckpt.config_path) from None
+        language_model = found.embedding.rsplit(".", 2)[0] + "."
+        text_prefix = text.embedding.rsplit(".", 2)[0] + "."
+        names = {}
+        for name in ckpt.tensors:
+            if name in layout.head_tensors:
+                names[name] = name
+            elif name not in layout.dropped:
+                key = found.rename(name)
+                if key.startswith(language_model):
+                    names[name] = text_prefix + key[len(language_model) :]
+        odd = sorted(
+            new for new in names.values() if text.rename(new) not in text.keys and new not in layout.head_tensors
+        )
+        if odd:
+            raise CheckpointError(f"--text-only: {text.causal_lm} has no tensor {odd[0]!r}", ckpt.config_path)
+        shards = []
+        for shard in ckpt.shards:
+            tensors = {names[n]: replace(info, name=names[n]) for n, info in shard.tensors.items() if n in names}
+            shards.append(replace(shard, tensors=tensors, view=True))
+        tensors = {n: info for shard in shards for n, info in shard.tensors.items()}
+        return replace(ckpt, config=config, shards=shards, tensors=tensors)
 
     def dropped(self, ckpt):
         return set(self.layout(ckpt).require().dropped)

@@ -148,6 +148,12 @@ def cli():
     " Default: no code in the checkpoint; load it with rmconvert.load_reward_model.",
 )
 @click.option(
+    "--text-only",
+    is_flag=True,
+    help="For a vision-language model: drop the vision tower and projector and write a text reward model of its"
+    " language model's family (Qwen3.5 -> qwen3_5_text, Gemma 3 -> gemma3_text, LLaVA -> llama, InternVL -> qwen2).",
+)
+@click.option(
     "--no-source-hashes",
     "hash_sources",
     flag_value=False,

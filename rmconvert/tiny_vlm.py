@@ -161,18 +161,16 @@ def build_model(model_type: str, seed: int = 0, **top):
 
 
 def tokenizer_for(model_type: str):
-    """A word-level fast tokenizer: <unk> 0, <s> 1, </s> 2, words, then the family's image tokens at their ids."""
+    """A word-level fast tokenizer: <unk> 0, <s> 1, </s> 2, words, and the family's image tokens at their ids
+    (ids 0-303, no hole: transformers renumbers the tokens added after a hole)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"w{i}": i for i in range(3, 280)})
     image = IMAGE_TOKEN[model_type]
-    specials = {"<image>": image} if image != IMAGE else {}
-    specials.update({"<image>": image, "<video>": VIDEO, "<vision_start>": START, "<vision_end>": END})
-    for token, i in specials.items():
-        vocab.setdefault(token, i)
-    vocab = {t: i for t, i in vocab.items() if list(vocab.values()).count(i) == 1 or t.startswith("<")}
+    specials = {"<image>": image, "<video>": VIDEO, "<vision_start>": START, "<vision_end>": END}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, END + 1) if i not in specials.values()})  # no holes
+    vocab.update(specials)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(list(specials))

@@ -316,3 +316,45 @@ def test_validate_reports_vlm_defects(policies, tmp_path, damage, code):
         T.save_config_json(rm, lambda c: c.update(image_token_id=400))
     found = validate(rm)
     assert code in {f.code for f in found if f.severity == "error"}, found
+
+
+# --- --text-only -------------------------------------------------------------------------------
+
+TEXT_ONLY = {
+    "gemma3": "Gemma3TextForSequenceClassification",
+    "qwen3_5": "Qwen3_5TextForSequenceClassification",
+    "llava": "LlamaForSequenceClassification",
+    "internvl": "Qwen2ForSequenceClassification",
+    "mistral3": "MistralForSequenceClassification",
+    "smolvlm": "LlamaForSequenceClassification",
+}
+
+
+@pytest.mark.parametrize("model_type", [t for t in TEXT_ONLY if t in FAMILIES])
+def test_text_only_writes_a_text_reward_model_of_the_language_models_family(policies, tmp_path, model_type):
+    src = policies(model_type)[0]
+    report = convert(src, tmp_path / "rm", text_only=True)
+    assert report["class"] == TEXT_ONLY[model_type]
+    config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert "vision_config" not in config and "text_config" not in config
+    rm, info = load_reward_model(tmp_path / "rm", output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    before, after = tensors(src), tensors(tmp_path / "rm")
+    assert not [k for k in after if "vision" in k or "projector" in k or "connector" in k]
+    language_model = [k for k in before if ("language_model" in k or "text_model" in k) and "lm_head" not in k]
+    assert len(after) == len(language_model) + 1
+    policy = fresh(T.build_model(model_type))
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 10, 11, 12, 13, 14]])
+    with torch.no_grad():
+        expected = fresh(rm).score(policy.model(input_ids=ids).last_hidden_state)[:, -1]
+        assert torch.equal(rm(input_ids=ids).logits, expected)
+    assert not [f for f in validate(tmp_path / "rm", load=True) if f.severity == "error"]
+
+
+def test_text_only_is_refused_where_the_language_model_cannot_run_alone(policies, tmp_path):
+    src = policies("qwen2_vl", True)[0]
+    result = _cli("convert", src, tmp_path / "dst", "--text-only")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "qwen2_vl_text" in lines[0] and "config.json" in lines[0], lines
+    assert not (tmp_path / "dst").exists()

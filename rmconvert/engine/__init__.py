@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import OutputError
+from ..errors import OutputError, UsageError
 from ..families.host import Registry, load_registry
 from ..io.output import check_destination, staged
 from ..sources import is_repo_id_source, resolve
@@ -50,6 +50,11 @@ def convert(
     registry = registry or load_registry()
     ckpt = source.checkpoint
     registered = registry.resolve(ckpt.model_type, opts.arch, ckpt.config_path)
+    if opts.text_only:  # the language model alone, as its text family's checkpoint
+        if source.adapter is not None:
+            raise UsageError("--text-only with a LoRA adapter: convert the merged model first, then --text-only")
+        ckpt = registered.architecture.text_only(ckpt)
+        registered = registry.resolve(ckpt.model_type, "auto", ckpt.config_path)
     plan = plan_conversion(ckpt, registered, opts, source.adapter)
     try:
         with staged(dst, overwrite) as out:

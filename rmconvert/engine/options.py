@@ -38,6 +38,7 @@ class Options:
     max_shard_size: int | None = None
     portable: bool = False
     hash_sources: bool = True
+    text_only: bool = False
 
     def check(self) -> None:
         if self.head not in HEADS:

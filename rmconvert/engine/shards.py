@@ -57,7 +57,8 @@ def _plan_shards(
                 kept.append(tensor.as_dtype(target) if target else tensor)
         grouped.append(kept)
         changed.append(
-            len(kept) != len(shard.tensors)
+            shard.view
+            or len(kept) != len(shard.tensors)
             or any(n in renamed for n in shard.tensors)
             or any(t.parts != OutTensor.copy_of(info).parts for t, info in zip(kept, _sources(shard, dropped)))
             or (shard.path.suffix == ".safetensors" and (shard.metadata or {}).get("format") != "pt")

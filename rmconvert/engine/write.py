@@ -66,7 +66,7 @@ def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
             "distribution": entry.distribution,
             "version": entry.version,
         },
-        "options": asdict(options),
+        "options": {k: v for k, v in asdict(options).items() if k != "text_only" or v},
         **({"source_repo": origin} if (origin := snapshot_origin(plan.checkpoint.path)) else {}),
         "source_files": hashes,
         "result": {

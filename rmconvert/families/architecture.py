@@ -105,6 +105,13 @@ class Architecture:
             return replace(describe(self, ckpt, None, lm_head, lm_head), error=exc)
         return describe(self, ckpt, embedding, outside, lm_head)
 
+    def text_only(self, ckpt):
+        """``ckpt`` seen as a checkpoint of its language model's own text family (``--text-only``): the
+        vision-language families override it; any other refuses."""
+        raise CheckpointError(
+            f"--text-only: {ckpt.model_type} is not a vision-language model (it is text-only already)", ckpt.config_path
+        )
+
     def output_config(self, config: dict) -> None:
         """Adjust the reward model's config.json in place, after the engine's own changes (default: none)."""
 

@@ -62,6 +62,11 @@ class Layout:
         """The tensors indexed by token id, which grow with the vocabulary (the input embedding first)."""
         return ((self.embedding,) if self.embedding else ()) + self.tables
 
+    @property
+    def head_tensors(self) -> frozenset[str]:
+        """Every tensor of the source's own reward head (none without one)."""
+        return self.head.tensors if self.head else frozenset()
+
     def backbone(self, ckpt: Checkpoint) -> dict[str, str]:
         """Every tensor kept in the reward model: source name -> its name in the output."""
         return {n: self.renamed.get(n, n) for n in ckpt.tensors if n not in self.dropped}

@@ -71,6 +71,8 @@ class Header:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] | None
     size: int
+    #: the file seen through a view (some of its tensors, under other names): never copied whole
+    view: bool = False
 
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
