@@ -170,6 +170,9 @@ class Composite(Architecture):
                 config[key] = ckpt.config[key]
         if type(ckpt.config.get("pad_token_id")) is int and type(config.get("pad_token_id")) is not int:
             config["pad_token_id"] = ckpt.config["pad_token_id"]
+        vocab = config.get("vocab_size")
+        if type(config.get("pad_token_id")) is int and type(vocab) is int and not 0 <= config["pad_token_id"] < vocab:
+            config["pad_token_id"] = None  # a default no embedding row holds (4.57's SmolVLM text config: 128002)
         found = structure(ckpt.config, composite=True)
         try:
             text = structure(config)

@@ -123,6 +123,12 @@ FAMILIES = tuple(CONFIGS)
 IMAGE_TOKEN = {t: CONFIGS[t][2].get("image_token_id", CONFIGS[t][2].get("image_token_index")) for t in CONFIGS}
 
 
+def _transformers_4() -> bool:
+    from importlib.metadata import version
+
+    return int(version("transformers").split(".")[0]) < 5
+
+
 def available(model_type: str) -> bool:
     """Whether the installed transformers has ``model_type``'s composite backbone (4.57 lacks Gemma 4, Qwen 3.5)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -143,6 +149,12 @@ def tiny_config(model_type: str, **top):
         text = {**TEXT, **text}
     if model_type in ("qwen3_vl_moe", "qwen3_5_moe"):
         text.pop("intermediate_size")
+    if "rope_parameters" in text and _transformers_4():  # 4.57 names them rope_scaling and rope_theta
+        rope = dict(text.pop("rope_parameters"))
+        text["rope_theta"] = rope.pop("rope_theta")
+        if model_type.startswith("qwen2"):
+            rope = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+        text["rope_scaling"] = rope
     return AutoConfig.for_model(model_type, text_config=text, vision_config=dict(vision), **extra, **top)
 
 

@@ -167,17 +167,28 @@ def build_sequence_classification_class(model_type: str, class_name: str) -> typ
 _BUILT: dict[str, type] = {}
 
 
+def _generation_key_mapping(model_type: str) -> dict[str, str]:
+    """transformers 4.57's ``_checkpoint_conversion_mapping`` of a vision-language family's generation class
+    (none on 5.x, where renames are keyed by model_type and apply to any class)."""
+    auto = _mappings()
+    name = getattr(auto, "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", {}).get(model_type)
+    if not name:
+        return {}
+    import transformers
+
+    return dict(getattr(getattr(transformers, name, None), "_checkpoint_conversion_mapping", None) or {})
+
+
 def reward_class(model_type: str) -> type:
-    """The reward class of ``model_type``: transformers' own (:func:`reward_class_name`), else the one
-    :func:`register_sequence_classification_class` registers (built once, not registered here)."""
+    """The reward class of ``model_type`` as transformers' own loading sees it: transformers' class
+    (:func:`reward_class_name`), else the built one without the renames registration adds on 4.57, so that a
+    converted checkpoint's names load on every transformers version (not registered here)."""
     import transformers
 
     native = reward_class_name(model_type)
     if native:
         return getattr(transformers, native)
-    if model_type not in _BUILT:
-        return build_sequence_classification_class(model_type, sequence_classification_class_name(model_type))
-    return _BUILT[model_type]
+    return build_sequence_classification_class(model_type, sequence_classification_class_name(model_type))
 
 
 def register_sequence_classification_class(model_type: str, class_name: str) -> type:
@@ -192,6 +203,9 @@ def register_sequence_classification_class(model_type: str, class_name: str) -> 
         return getattr(transformers, native)
     if model_type not in _BUILT:
         cls = build_sequence_classification_class(model_type, class_name)
+        legacy = _generation_key_mapping(model_type)
+        if legacy:  # 4.57: the generation class's renames (LLaVA's released language_model.model.*) load too
+            cls._checkpoint_conversion_mapping = legacy
         config_class = CONFIG_MAPPING[model_type]
         AutoModelForSequenceClassification.register(config_class, cls, exist_ok=True)
         _BUILT[model_type] = cls

@@ -174,6 +174,8 @@ def classifier_parameters(model_type: str, class_name: str) -> tuple[str, ...] |
     except Exception:  # noqa: BLE001 (no answer: the caller keeps its default)
         return None
     prefix = model.base_model_prefix
+    if not prefix or not hasattr(model, prefix):  # 4.57's Gemma3ForSequenceClassification leaves it empty
+        prefix = _module_names(model).get(id(model.get_input_embeddings()), "").split(".")[0]
     return tuple(n for n, _ in model.named_parameters() if not n.startswith(prefix + "."))
 
 
