@@ -2,7 +2,10 @@
 
 For every model_type with a causal-LM class (encoders and encoder-decoders excluded), build a tiny random
 checkpoint; if that works, convert it, load it and score padded batches (``validate --load``). Prints a
-Markdown summary: the count, and each exception with its reason.
+Markdown summary: the count, and each exception with its reason. A second table does the same for the
+vision-language (composite) families: a tiny policy converts, loads with no missing or unexpected key, and,
+for the families :mod:`rmconvert.tiny_vlm` knows, its image+text reward is exactly ``score`` of the policy's
+backbone and moves with the image.
 """
 
 from __future__ import annotations
@@ -43,11 +46,83 @@ def check(model_type: str, root: Path) -> tuple[str, str]:
     return "ok", f"{report['architecture']}: {report['class']}"
 
 
+#: Text and vision settings that make a composite family's default config tiny (applied where the config has them).
+TINY_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "depth": 2, "num_attention_heads": 4}
+
+
+def _tiny_composite(model_type: str, path: Path) -> Path:
+    """A tiny policy of a composite family: :mod:`rmconvert.tiny_vlm`'s config, else the family's defaults
+    shrunk (:data:`TINY_TEXT`, :data:`TINY_VISION`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from . import tiny_vlm
+
+    if model_type in tiny_vlm.CONFIGS:
+        return tiny_vlm.build_policy(model_type, path)
+    config = AutoConfig.for_model(model_type)
+    for sub, tiny in (("text_config", TINY_TEXT), ("vision_config", TINY_VISION)):
+        part = getattr(config, sub, None)
+        for key, value in tiny.items():
+            if part is not None and getattr(part, key, None) is not None:
+                setattr(part, key, value)
+        if isinstance(getattr(part, "layer_types", None), list):
+            part.layer_types = part.layer_types[:2]
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    AutoConfig.from_pretrained(path)  # a shrunk config transformers' own checks reject is unbuildable
+    tiny_vlm.tokenizer_for(model_type).save_pretrained(path)
+    return path
+
+
+def check_composite(model_type: str, root: Path) -> tuple[str, str]:
+    """(outcome, detail) for one composite model_type: ok, unbuildable or failed (see the module's docstring)."""
+    import torch
+
+    from . import tiny_vlm
+    from .engine import convert
+    from .families.loading import load_reward_model
+
+    try:
+        source = _tiny_composite(model_type, root / model_type)
+    except Exception as exc:  # noqa: BLE001 (a family the tiny builder cannot make is reported, not fatal)
+        return "unbuildable", summary(exc, 160)
+    try:
+        report = convert(source, root / f"{model_type}-rm")
+        model, info = load_reward_model(root / f"{model_type}-rm", output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 (every failure is a finding of the report)
+        return "failed", summary(exc, 160)
+    wrong = {k: v for k, v in info.items() if v}
+    if wrong:
+        return "failed", "; ".join(f"{k}: {len(v)} ({list(v)[:2]})" for k, v in wrong.items())
+    if model_type not in tiny_vlm.CONFIGS:
+        return "ok", f"{report['class']} (loads)"
+    model = model.eval()
+    policy = tiny_vlm.build_model(model_type)
+    sample = tiny_vlm.image_inputs(policy, model_type, seed=0)
+    other = {**sample, **{k: v for k, v in tiny_vlm.image_inputs(policy, model_type, seed=1).items() if "pixel" in k}}
+    with torch.no_grad():
+        expected = model.score(policy.model(**sample).last_hidden_state)[0, -1]
+        reward = model(**sample).logits[0]
+        moved = not torch.equal(model(**other).logits[0], reward)
+    if not torch.allclose(reward, expected, atol=1e-5, rtol=1e-5) or not moved:
+        return "failed", f"image+text reward {reward.tolist()} vs {expected.tolist()}; another image moves it: {moved}"
+    return "ok", f"{report['class']} (image+text reward exact)"
+
+
 _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(["torch", "transformers", "rmconvert.engine", "rmconvert.doctor.validation"])
 
 
-def _child(model_type: str, root: Path, memory: int, conn) -> None:
+def _child(model_type: str, root: Path, memory: int, conn, composite: bool = False) -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -55,12 +130,14 @@ def _child(model_type: str, root: Path, memory: int, conn) -> None:
     warnings.simplefilter("ignore")
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     try:
-        conn.send(check(model_type, root))
+        conn.send((check_composite if composite else check)(model_type, root))
     except BaseException as exc:  # noqa: BLE001 (MemoryError and the like end up in the report)
         conn.send(("unbuildable", f"crashed: {summary(exc, 160)}"))
 
 
-def check_all(model_types, root: Path, memory: int, seconds: int, jobs: int = 2, on_result=None) -> dict:
+def check_all(
+    model_types, root: Path, memory: int, seconds: int, jobs: int = 2, on_result=None, composite: bool = False
+) -> dict:
     """``check`` of every model_type, each in a child process with bounded memory and time (some "tiny"
     configs are not tiny), ``jobs`` at a time; ``on_result(model_type, result)`` as each ends.
 
@@ -75,7 +152,7 @@ def check_all(model_types, root: Path, memory: int, seconds: int, jobs: int = 2,
         while pending and len(running) < jobs:
             model_type = pending.pop(0)
             receive, send = multiprocessing.Pipe(duplex=False)
-            worker = _CONTEXT.Process(target=_child, args=(model_type, root, memory, send))
+            worker = _CONTEXT.Process(target=_child, args=(model_type, root, memory, send, composite))
             worker.start()
             send.close()  # the child holds the only writer: its death ends the pipe
             running[receive] = (model_type, worker, time.monotonic() + seconds)
@@ -109,35 +186,56 @@ def main(argv=None) -> None:
     parser.add_argument("--memory-gib", type=int, default=8, help="memory limit of each check (default 8)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds allowed for each check (default 300)")
     parser.add_argument("--jobs", type=int, default=2, help="checks run at once (default 2)")
+    parser.add_argument("--composite", action="store_true", help="only the second table (vision-language families)")
     args = parser.parse_args(argv)
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     warnings.simplefilter("ignore")
-    from .families.modeling import decoder_only_model_types
-
-    types = args.model_types or sorted(decoder_only_model_types())
-    with tempfile.TemporaryDirectory(prefix="rmconvert-coverage-") as tmp:
-        results = check_all(
-            types,
-            Path(tmp),
-            args.memory_gib << 30,
-            args.timeout,
-            args.jobs,
-            lambda model_type, result: print(f"{model_type:32} {result[0]:12} {result[1]}", flush=True),
-        )
     import transformers
 
-    buildable = {t: r for t, r in results.items() if r[0] != "unbuildable"}
-    ok = [t for t, r in buildable.items() if r[0] == "ok"]
-    print(
-        f"\ntransformers {transformers.__version__}: {len(ok)} of {len(buildable)} buildable decoder-only model types"
-        f" convert and load ({100 * len(ok) / max(len(buildable), 1):.1f}%); {len(results) - len(buildable)} could"
-        " not be built tiny.\n"
+    from .families.modeling import composite_model_types, decoder_only_model_types, is_composite
+
+    named = args.model_types
+    tables = []
+    if not args.composite:
+        tables.append(
+            (
+                "decoder-only",
+                [t for t in named if not is_composite(t)] if named else sorted(decoder_only_model_types()),
+                False,
+            )
+        )
+    tables.append(
+        (
+            "vision-language (composite)",
+            [t for t in named if is_composite(t)] if named else sorted(composite_model_types()),
+            True,
+        )
     )
-    print("| model_type | outcome | reason |\n|---|---|---|")
-    for model_type, (outcome, detail) in sorted(results.items()):
-        if outcome != "ok":
-            print(f"| {model_type} | {outcome} | {detail.replace('|', '/')} |")
+    for title, types, composite in tables:
+        if not types:
+            continue
+        with tempfile.TemporaryDirectory(prefix="rmconvert-coverage-") as tmp:
+            results = check_all(
+                types,
+                Path(tmp),
+                args.memory_gib << 30,
+                args.timeout,
+                args.jobs,
+                lambda model_type, result: print(f"{model_type:32} {result[0]:12} {result[1]}", flush=True),
+                composite,
+            )
+        buildable = {t: r for t, r in results.items() if r[0] != "unbuildable"}
+        ok = [t for t, r in buildable.items() if r[0] == "ok"]
+        print(
+            f"\ntransformers {transformers.__version__}: {len(ok)} of {len(buildable)} buildable {title} model types"
+            f" convert and load ({100 * len(ok) / max(len(buildable), 1):.1f}%); {len(results) - len(buildable)} could"
+            " not be built tiny.\n"
+        )
+        print("| model_type | outcome | reason |\n|---|---|---|")
+        for model_type, (outcome, detail) in sorted(results.items()):
+            if outcome != "ok" or composite:
+                print(f"| {model_type} | {outcome} | {detail.replace('|', '/')} |")
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def tokenizer_for(model_type: str):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    image = IMAGE_TOKEN[model_type]
+    image = IMAGE_TOKEN.get(model_type, IMAGE)
     specials = {"<image>": image, "<video>": VIDEO, "<vision_start>": START, "<vision_end>": END}
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     vocab.update({f"w{i}": i for i in range(3, END + 1) if i not in specials.values()})  # no holes
