@@ -43,6 +43,23 @@ MODELS = {
     },
     # llama-1b's weights saved by torch.save as .bin shards (pytorch_model-0000i-of-00004.bin + index).
     "llama-1b-bin": {"bin_of": "llama-1b"},
+    # ~1 GiB Qwen2.5-VL (vision tower, projector, language model) in the released model.* + visual.* names: every
+    # language-model and vision tensor is renamed (a new header; the bytes copied), the vocabulary grows for <pad>.
+    "qwen2_5_vl-0.5b": {
+        "model_type": "qwen2_5_vl",
+        "layers": 12,
+        "hidden": 1536,
+        "intermediate": 4096,
+        "heads": 12,
+        "vocab": 32000,
+        "vision": {
+            "depth": 16,
+            "hidden_size": 1024,
+            "intermediate_size": 2816,
+            "num_heads": 16,
+            "out_hidden_size": 1536,
+        },
+    },
     # ~0.75B OLMoE with 64 experts per layer, stored per expert on disk.
     "olmoe-0.7b": {
         "model_type": "olmoe",
@@ -166,8 +183,7 @@ def build(name: str, spec: dict, cache: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(specials)
     extra = {"num_experts": spec["experts"], "num_experts_per_tok": 8} if "experts" in spec else {}
-    config = AutoConfig.for_model(
-        spec["model_type"],
+    text = dict(
         hidden_size=spec["hidden"],
         intermediate_size=spec["intermediate"],
         num_hidden_layers=spec["layers"],
@@ -179,11 +195,21 @@ def build(name: str, spec: dict, cache: Path) -> Path:
         pad_token_id=vocab.get(spec.get("pad")),
         **extra,
     )
+    if "vision" in spec:  # a composite policy: the text settings in text_config, image tokens inside the vocabulary
+        ids = {"image_token_id": 10, "video_token_id": 11, "vision_start_token_id": 12, "vision_end_token_id": 13}
+        config = AutoConfig.for_model(spec["model_type"], text_config=text, vision_config=spec["vision"], **ids)
+    else:
+        config = AutoConfig.for_model(spec["model_type"], **text)
     torch.manual_seed(0)
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if "vision" in spec:
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size="500MB")
