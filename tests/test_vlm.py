@@ -369,3 +369,39 @@ def test_text_only_is_refused_where_the_language_model_cannot_run_alone(policies
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "qwen2_vl_text" in lines[0] and "config.json" in lines[0], lines
     assert not (tmp_path / "dst").exists()
+
+
+# --- sources and outputs -----------------------------------------------------------------------
+
+
+def test_bin_weights_and_processor_files_convert(policies, tmp_path):
+    """A .bin policy (released Qwen2.5-VL names) converts to the renamed safetensors; processor files and the chat
+    template are carried over byte for byte."""
+    from rmconvert.testing import save_as_bin
+
+    src = save_as_bin(policies("qwen2_5_vl", True)[0], tmp_path / "src")
+    processor = {"preprocessor_config.json": b'{"image_processor_type": "Qwen2VLImageProcessor"}\n'}
+    processor["chat_template.jinja"] = b"{% for m in messages %}{{ m.content }}{% endfor %}"
+    for name, data in processor.items():
+        (src / name).write_bytes(data)
+    convert(src, tmp_path / "rm")
+    for name, data in processor.items():
+        assert (tmp_path / "rm" / name).read_bytes() == data
+    assert not validate(tmp_path / "rm", load=True)  # with processor files: no RM135 either
+    assert all(k.startswith(("model.language_model.", "model.visual.", "score.")) for k in tensors(tmp_path / "rm"))
+
+
+@pytest.mark.skipif(TRANSFORMERS_4, reason="4.57's built classes load the released names through rmconvert only")
+def test_portable_vlm_loads_with_remote_code(policies, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    src = policies("llava")[0]
+    convert(src, tmp_path / "rm", portable=True)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "rm", trust_remote_code=True, output_loading_info=True
+    )
+    assert {k: v for k, v in info.items() if v} == {}
+    assert type(model).__module__.startswith("transformers_modules")
+    _, sample, reward = _reward(tmp_path / "rm", "llava")
+    with torch.no_grad():
+        assert torch.equal(fresh(model)(**sample).logits[0], reward)
