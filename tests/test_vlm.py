@@ -405,3 +405,19 @@ def test_portable_vlm_loads_with_remote_code(policies, tmp_path):
     _, sample, reward = _reward(tmp_path / "rm", "llava")
     with torch.no_grad():
         assert torch.equal(fresh(model)(**sample).logits[0], reward)
+
+
+@pytest.mark.parametrize("damage", ["processor", "config"])
+def test_an_image_token_the_tokenizer_lacks_is_refused(policies, tmp_path, damage):
+    bad = _copy(policies("llava")[0], tmp_path / "src")
+    if damage == "processor":
+        (bad / "processor_config.json").write_text('{"image_token": "<no-such-image-token>"}')
+        where = "processor_config.json"
+    else:
+        T.save_config_json(bad, lambda c: c.update(image_token_index=310))
+        where = "tokenizer.json"
+    result = _cli("convert", bad, tmp_path / "dst")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and where in lines[0] and "no token of the tokenizer" in lines[0], lines
+    assert not (tmp_path / "dst").exists()

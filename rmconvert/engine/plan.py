@@ -98,6 +98,31 @@ def _grown(table: TensorInfo, merged: OutTensor | None, rows: int) -> OutTensor:
     return OutTensor(table.name, table.dtype, (rows, *table.shape[1:]), (*kept, Repeat(mean, rows - table.shape[0])))
 
 
+#: Files whose ``image_token``/``video_token``/``audio_token`` name the placeholder a processor inserts.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+def _check_media_tokens(ckpt: Checkpoint, layout: Layout, tok: TokenizerFiles) -> None:
+    """Every image, video or audio token a processor inserts is a token of the tokenizer: the config's ids
+    (``layout.media_ids``) and the processor files' token strings."""
+    names = {i: t for t, i in tok.ids.items()}
+    for token_id in sorted(layout.media_ids):
+        if token_id not in names:
+            raise CheckpointError(
+                f"config.json's image/video/audio token id {token_id} is no token of the tokenizer"
+                " (is this the model's tokenizer?)",
+                tok.path / "tokenizer.json",
+            )
+    if not layout.media_ids:
+        return
+    for file in PROCESSOR_FILES:
+        settings = read_json(ckpt.path / file, required=False) or {}
+        for key in ("image_token", "video_token", "audio_token"):
+            token = settings.get(key)
+            if isinstance(token, str) and token not in tok.ids:
+                raise CheckpointError(f"{key} {token!r} is no token of the tokenizer", ckpt.path / file)
+
+
 def _keep_position_pad(ckpt: Checkpoint, pad: PadChoice, options: Options) -> None:
     """A family whose pad id indexes its position table (XGLM) scores every sequence differently under another
     pad id: the source's pad must stay."""
@@ -204,6 +229,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     bias = _value_head_bias(ckpt, head, hidden) if value_head else None
     existing = ckpt.tensors[head.weight] if head else None
     tok = TokenizerFiles.read(ckpt.path)
+    _check_media_tokens(ckpt, layout, tok)
     generation_config = read_json(ckpt.path / GENERATION_CONFIG, required=False)
     # a value head was read at the last attended token: like a causal LM, it gets a pad distinct from eos
     trained_pad = existing is not None and not value_head
