@@ -136,12 +136,12 @@ def available(model_type: str) -> bool:
     return model_type in CONFIG_MAPPING
 
 
-def tiny_config(model_type: str, **top):
-    """The tiny composite config of ``model_type``."""
+def tiny_config(model_type: str, text_overrides: dict | None = None, **top):
+    """The tiny composite config of ``model_type`` (``text_overrides``: settings of its text config)."""
     from transformers import AutoConfig
 
     text, vision, extra = CONFIGS[model_type]
-    text = dict(text)
+    text = {**text, **(text_overrides or {})}
     if model_type.startswith(("qwen", "gemma")):
         text = {**TEXT, **text}
         text.pop("model_type", None)
@@ -158,13 +158,13 @@ def tiny_config(model_type: str, **top):
     return AutoConfig.for_model(model_type, text_config=text, vision_config=dict(vision), **extra, **top)
 
 
-def build_model(model_type: str, seed: int = 0, **top):
+def build_model(model_type: str, seed: int = 0, text_overrides: dict | None = None, **top):
     """A random tiny generation model of ``model_type`` (Gemma 3's zero-initialised projector randomised)."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(tiny_config(model_type, **top)).eval()
+    model = AutoModelForImageTextToText.from_config(tiny_config(model_type, text_overrides, **top)).eval()
     projector = getattr(getattr(model.model, "multi_modal_projector", None), "mm_input_projection_weight", None)
     if projector is not None:
         with torch.no_grad():
@@ -190,10 +190,10 @@ def tokenizer_for(model_type: str):
     return fast
 
 
-def build_policy(model_type: str, path: str | Path, seed: int = 0, **top) -> Path:
+def build_policy(model_type: str, path: str | Path, seed: int = 0, text_overrides: dict | None = None, **top) -> Path:
     """Save a tiny policy of ``model_type`` (safetensors, config, tokenizer) at ``path``; returns it."""
     path = Path(path)
-    model = build_model(model_type, seed, **top)
+    model = build_model(model_type, seed, text_overrides, **top)
     model.save_pretrained(path)
     tokenizer_for(model_type).save_pretrained(path)
     return path
