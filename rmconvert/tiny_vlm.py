@@ -114,7 +114,16 @@ CONFIGS: dict[str, tuple[dict, dict, dict]] = {
             "layer_types": ["sliding_attention", "full_attention"],
         },
         {**V, "num_key_value_heads": 4, "head_dim": 8, "patch_size": 8, "pooling_kernel_size": 2},
-        {"image_token_id": IMAGE, "boi_token_id": START, "eoi_token_id": END, "video_token_id": VIDEO},
+        {
+            "image_token_id": IMAGE,
+            "boi_token_id": START,
+            "eoi_token_id": END,
+            "video_token_id": VIDEO,
+            # the audio placeholders too, inside the tokenizer (their defaults are past the tiny vocabulary)
+            "audio_token_id": 297,
+            "boa_token_id": 298,
+            "eoa_token_index": 299,
+        },
     ),
 }
 #: The families of issue 16: image+text rewards exact on transformers 5.24.
