@@ -421,3 +421,36 @@ def test_an_image_token_the_tokenizer_lacks_is_refused(policies, tmp_path, damag
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and where in lines[0] and "no token of the tokenizer" in lines[0], lines
     assert not (tmp_path / "dst").exists()
+
+
+def test_processor_round_trip_scores_a_pil_image(tmp_path):
+    """LLaVA with its processor saved beside the policy: the reward model's own processor (carried over) turns a
+    PIL image and a prompt into inputs whose reward is ``score`` of the policy's backbone."""
+    pil = pytest.importorskip("PIL.Image")
+    import transformers
+    from transformers import AutoProcessor, LlavaProcessor
+
+    image_processor = getattr(transformers, "LlavaImageProcessorPil", None) or transformers.CLIPImageProcessor
+    src = T.build_policy("llava", tmp_path / "src")
+    processor = LlavaProcessor(
+        image_processor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        transformers.AutoTokenizer.from_pretrained(src),
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(src)
+    convert(src, tmp_path / "rm")
+    rm = fresh(load_reward_model(tmp_path / "rm"))
+    policy = fresh(T.build_model("llava"))
+    loaded = AutoProcessor.from_pretrained(tmp_path / "rm")
+    images = [pil.new("RGB", (40, 40), (200, 30, 30)), pil.new("RGB", (40, 40), (20, 160, 90))]
+    rewards = []
+    for image in images:
+        inputs = dict(loaded(images=[image], text=["<s> <image> w5 w6 w7"], return_tensors="pt"))
+        assert int((inputs["input_ids"] == T.IMAGE).sum()) == 16  # (32 / 8)^2 patches, CLS dropped
+        with torch.no_grad():
+            reward = rm(**inputs).logits[0]
+            assert torch.equal(reward, rm.score(policy.model(**inputs).last_hidden_state)[0, -1])
+        rewards.append(reward)
+    assert not torch.equal(*rewards)
