@@ -193,6 +193,14 @@ class Composite(Architecture):
         )
         if odd:
             raise CheckpointError(f"--text-only: {text.causal_lm} has no tensor {odd[0]!r}", ckpt.config_path)
+        for name, new in sorted(names.items()):  # e.g. Qwen3.5-MoE's fused experts, stored otherwise by its text class
+            want = (text.shapes or {}).get(text.rename(new))
+            if want is not None and new not in layout.head_tensors and tuple(ckpt.tensors[name].shape) != want:
+                raise CheckpointError(
+                    f"--text-only: {name} is {list(ckpt.tensors[name].shape)}, {text.causal_lm} keeps"
+                    f" {text.rename(new)} as {list(want)}; convert it with its vision tower",
+                    ckpt.config_path,
+                )
         shards = []
         for shard in ckpt.shards:
             tensors = {names[n]: replace(info, name=names[n]) for n, info in shard.tensors.items() if n in names}

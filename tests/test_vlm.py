@@ -338,6 +338,7 @@ TEXT_ONLY = {
     "internvl": "Qwen2ForSequenceClassification",
     "mistral3": "MistralForSequenceClassification",
     "smolvlm": "LlamaForSequenceClassification",
+    "gemma4": "Gemma4TextForSequenceClassification",
 }
 
 
@@ -362,12 +363,18 @@ def test_text_only_writes_a_text_reward_model_of_the_language_models_family(poli
     assert not [f for f in validate(tmp_path / "rm", load=True) if f.severity == "error"]
 
 
-def test_text_only_is_refused_where_the_language_model_cannot_run_alone(policies, tmp_path):
-    src = policies("qwen2_vl", True)[0]
+@pytest.mark.parametrize(
+    ("model_type", "reason"),
+    [("qwen2_vl", "qwen2_vl_text"), pytest.param("qwen3_5_moe", "keeps", id="qwen3_5_moe-fused-experts")],
+)
+def test_text_only_is_refused_where_the_language_model_cannot_run_alone(policies, tmp_path, model_type, reason):
+    if model_type not in FAMILIES:
+        pytest.skip(f"transformers has no {model_type}")
+    src = policies(model_type, True)[0]
     result = _cli("convert", src, tmp_path / "dst", "--text-only")
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "qwen2_vl_text" in lines[0] and "config.json" in lines[0], lines
+    assert len(lines) == 1 and reason in lines[0] and "config.json" in lines[0], lines
     assert not (tmp_path / "dst").exists()
 
 

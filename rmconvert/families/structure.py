@@ -54,6 +54,7 @@ class Structure:
     rename: Callable[[str], str]  # a checkpoint key -> the key transformers loads it as
     vocab_tables: tuple[str, ...] = ()  # composite: other tables indexed by token id (Gemma 4's per-layer one)
     ignored: tuple[str, ...] = ()  # patterns of checkpoint keys the class ignores on load (Qwen 3.5's mtp.*)
+    shapes: dict | None = None  # key -> shape of the class's state dict (only where asked: text-only views)
 
     def in_backbone(self, model_key: str) -> bool:
         return model_key.startswith(self.prefix + ".") and model_key not in self.heads
@@ -138,7 +139,12 @@ def _build(model_type: str, config_json: str, composite: bool = False) -> Struct
         )
     built = Structure(model_type, cls.__name__, prefix, embedding_name, frozenset(heads), keys, _renamer(model))
     ignored = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
-    return replace(built, vocab_tables=tables, ignored=ignored) if composite else built
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return (
+        replace(built, vocab_tables=tables, ignored=ignored, shapes=shapes)
+        if composite
+        else replace(built, shapes=shapes)
+    )
 
 
 def settings_key(config: dict) -> tuple[str, str]:
