@@ -99,10 +99,19 @@ def cli():
 )
 @click.option(
     "--head",
-    type=click.Choice(["scalar", "bt"]),
+    type=click.Choice(["scalar", "bt", "prm", "value"]),
     default="scalar",
     show_default=True,
-    help="scalar: 1 label (TRL, open-instruct). bt: 2 labels [zeros; w] (HALOs Bradley-Terry).",
+    help="scalar: 1 label (TRL, open-instruct). bt: 2 labels [zeros; w] (HALOs Bradley-Terry). prm: a process"
+    " reward model, <Family>ForTokenClassification with 2 labels (TRL PRMTrainer; LABEL_1 = correct step)."
+    " value: a value model / critic, <Family>ForTokenClassification with 1 label (verl, OpenRLHF, open-instruct),"
+    " whose score at the last token is the source reward model's reward; its pad is --pad-token existing's.",
+)
+@click.option(
+    "--step-separator",
+    metavar="TEXT",
+    help="With --head prm or value: the step tag a PRM is read at (TRL PRMTrainer's step_separator), recorded as"
+    " config.json step_tag_id; it must be one token of the vocabulary, not the pad or an eos.",
 )
 @click.option(
     "--pad-token",
@@ -174,6 +183,10 @@ def convert(src, dst, overwrite, link, adapter, as_json, **options):
     never loaded. SRC is never written, and DST appears only when complete.
     """
     from .engine import convert as run
+
+    given = click.get_current_context().get_parameter_source("from_bt")
+    if options["head"] == "prm" and given is not click.core.ParameterSource.DEFAULT:
+        raise UsageError("--from-bt chooses how a 2-label head becomes 1 label; --head prm keeps 2 labels")
 
     bar = ByteBar(sys.stderr) if not as_json and sys.stderr.isatty() else None
     lines = None if as_json or bar else lambda msg: click.echo(msg, err=True)

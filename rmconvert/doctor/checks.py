@@ -176,8 +176,12 @@ def dropout(s: Subject) -> Iterator[Finding]:
 
 
 def problem_type(s: Subject) -> Iterator[Finding]:
-    """Serving stacks apply sigmoid (1 label) or softmax (2 labels) unless the config says regression."""
+    """Serving stacks apply sigmoid (1 label) or softmax (2 labels) unless the config says regression; a 2-label
+    PRM's labels are classes (softmax: P(correct step), as TRL's PRMTrainer outputs are read)."""
     value = s.config.get("problem_type")
+    score = s.ckpt.tensors.get(s.score_name)
+    if s.per_token and score is not None and score.shape[0] == 2:
+        return
     if value != "regression":
         yield s.finding("RM051", CONFIG, "/problem_type", "missing" if value is None else repr(value))
 
@@ -213,6 +217,44 @@ def policy_vocabulary(s: Subject) -> Iterator[Finding]:
         )
 
 
+def token_head(s: Subject) -> Iterator[Finding]:
+    """A token classifier (value model, PRM): its head's bias [labels], no dropout before it."""
+    if not s.per_token:
+        return
+    name = s.score_name
+    score = s.ckpt.tensors.get(name)
+    if score is None or len(score.shape) != 2:
+        return  # RM010 / RM011
+    bias_name = name[: -len("weight")] + "bias"
+    bias = s.ckpt.tensors.get(bias_name)
+    if bias is None:
+        yield s.finding("RM170", s.weights_file, bias_name, f"no shard holds {bias_name}")
+    elif bias.shape != (score.shape[0],):
+        yield s.finding("RM171", bias.path.name, bias_name, f"{list(bias.shape)}; expected [{score.shape[0]}]")
+    value = s.config.get("classifier_dropout")
+    if value is None:
+        value = s.config.get("hidden_dropout")
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value):
+        yield s.finding("RM172", CONFIG, "/classifier_dropout", "not set (0.1)" if value is None else f"{value}")
+
+
+def step_tag(s: Subject) -> Iterator[Finding]:
+    """A PRM's step tag: one token of the vocabulary, not the pad or an eos."""
+    tag = s.config.get("step_tag_id")
+    if tag is None:
+        return
+    vocab = s.text_config.get("vocab_size")
+    size = len(s.tokenizer) if s.tokenizer is not None else vocab
+    if type(tag) is not int or not 0 <= tag < min(x for x in (size, vocab) if type(x) is int):
+        yield s.finding("RM173", CONFIG, "/step_tag_id", f"{tag!r}; the vocabulary has {size} tokens")
+        return
+    if s.tokenizer is None:
+        return
+    if tag == s.text_config.get("pad_token_id") or tag in eos_ids(s.config, s.generation_config, s.tokenizer):
+        role = "the pad" if tag == s.text_config.get("pad_token_id") else "an eos"
+        yield s.finding("RM174", CONFIG, "/step_tag_id", f"{tag} is {role}")
+
+
 #: The static checks, in report order.
 STATIC = (
     known_architecture,
@@ -231,4 +273,6 @@ STATIC = (
     dropout,
     problem_type,
     policy_vocabulary,
+    token_head,
+    step_tag,
 )

@@ -6,6 +6,7 @@ module; :mod:`rmconvert.doctor.validation` runs them. The dependency runs one wa
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -16,6 +17,7 @@ from ..errors import CheckpointError, summary
 from ..families.architecture import Architecture
 from ..families.host import Registry
 from ..families.layout import Layout
+from ..families.target import TOKEN, task_of_config
 from ..sources.checkpoint import Checkpoint, text_config
 from ..sources.tokenizer_files import TokenizerFiles
 
@@ -141,15 +143,17 @@ CODES = {
         Code(
             "RM070",
             ERROR,
-            "the vocabulary differs from the policy's (token -> id): a value model made from the reward model"
-            " reads the policy's ids as other tokens",
-            "rmconvert convert SFT-CHECKPOINT DST --pad-token existing (keeps the policy's vocabulary)",
+            "the vocabulary differs from the policy's (token -> id): a model fed the policy's token ids (a critic or"
+            " value model in verl, OpenRLHF or open-instruct) reads them as other tokens",
+            "rmconvert convert SFT-CHECKPOINT DST --head value (or --pad-token existing: keeps the policy's vocabulary)",
         ),
         Code(
             "RM071",
             ERROR,
-            "the embedding has fewer rows than the policy's tokenizer has ids",
-            "rmconvert convert SFT-CHECKPOINT DST --pad-token existing, from a checkpoint with the policy's tokenizer",
+            "the embedding has fewer rows than the policy's tokenizer has ids: a critic or value model fed the"
+            " policy's ids indexes past it",
+            "rmconvert convert SFT-CHECKPOINT DST --head value (or --pad-token existing), from a checkpoint with the"
+            " policy's tokenizer",
         ),
         Code(
             "RM100", ERROR, "loading reports missing keys (randomly initialised)", "check the checkpoint's tensor names"
@@ -186,6 +190,44 @@ CODES = {
             ERROR,
             "a tensor merged from the LoRA adapter differs from a fresh merge (PEFT's merge_and_unload)",
             "convert again from the base and the adapter (rmconvert convert BASE DST --adapter ADAPTER)",
+        ),
+        Code(
+            "RM170",
+            ERROR,
+            "a token classifier (value model, PRM) has no head bias: transformers initialises it at random",
+            "rmconvert convert SRC DST --head value (or --head prm): writes score.bias",
+        ),
+        Code("RM171", ERROR, "the token classifier's head bias is not [labels]", "re-export the head"),
+        Code(
+            "RM172",
+            WARNING,
+            "classifier_dropout is not 0: a token classifier then drops out before its head in training"
+            " (0.1 when neither classifier_dropout nor hidden_dropout is set)",
+            "set classifier_dropout to 0.0 in config.json (rmconvert convert writes it)",
+        ),
+        Code(
+            "RM173",
+            ERROR,
+            "step_tag_id is not a token of the vocabulary (a PRM's score is read at it)",
+            "rmconvert convert SRC DST --head prm --step-separator TEXT, TEXT one token",
+        ),
+        Code(
+            "RM174",
+            ERROR,
+            "step_tag_id is the pad or an eos: a step's score would be read at padding or the end of the text",
+            "choose a step separator of its own (rmconvert convert SRC DST --head prm --step-separator TEXT)",
+        ),
+        Code(
+            "RM175",
+            ERROR,
+            "per-token scores of a padded batch differ from the same sequences one by one at a non-pad position",
+            "check pad_token_id and the attention mask",
+        ),
+        Code(
+            "RM176",
+            ERROR,
+            "per-token scores differ from the source's head applied to its hidden states (under the head rules)",
+            "convert again from the source",
         ),
     )
 }
@@ -239,8 +281,16 @@ class Subject:
         return self.layout.hidden_size if self.layout is not None else self.text_config.get("hidden_size")
 
     @property
+    def per_token(self) -> bool:
+        """Whether it is a token classifier (a value model, a PRM), by config.json ``architectures``."""
+        return task_of_config(self.config) == TOKEN
+
+    @property
     def score_name(self) -> str:
-        """The reward head the family's sequence classifier loads (``score.weight`` unless the plugin says so)."""
+        """The reward head the family's classifier loads (``score.weight`` unless the plugin says so)."""
+        if self.per_token and self.architecture is not None:
+            with contextlib.suppress(Exception):  # transformers lacks the family: the sequence classifier's name
+                return self.architecture.score_name(self.ckpt.model_type, TOKEN)
         return self.layout.score if self.layout is not None else "score.weight"
 
     @property

@@ -123,14 +123,31 @@ def loaded(s: Subject) -> Iterator[Finding]:
     if not 0 <= pad < rows:
         return  # RM031 or RM022 of the static checks
     with torch.no_grad():
-        alone = torch.cat([model(torch.tensor([ids]), **accepted(model, use_cache=False)).logits for ids in singles])
+        alone_tokens = [model(torch.tensor([ids]), **accepted(model, use_cache=False)).logits for ids in singles]
+        alone = torch.cat(alone_tokens) if alone_tokens[0].dim() == 2 else None
         for side in ("right",) if s.right_padding_only else ("right", "left"):
             input_ids, attention_mask = _padded(singles, pad, side)
             options = accepted(model, position_ids=positions(attention_mask), use_cache=False)
             batched = model(input_ids=input_ids, attention_mask=attention_mask, **options).logits
+            if batched.dim() == 3:  # a token classifier: every non-pad position
+                yield from _per_token_padded(s, batched, attention_mask, alone_tokens, side, _tolerance(model.dtype))
+                continue
             if not torch.allclose(batched, alone, atol=_tolerance(model.dtype), rtol=_tolerance(model.dtype)):
                 worst = (batched - alone).abs().max().item()
                 yield s.finding("RM110", "config.json", "/pad_token_id", f"{side}-padded: off by {worst:.3g}")
+
+
+def _per_token_padded(s: Subject, batched, attention_mask, alone: list, side: str, tol: float) -> Iterator[Finding]:
+    """RM175 when a token classifier's scores in a padded batch differ from one by one at a non-pad position."""
+    import torch
+
+    worst = 0.0
+    for row, single in enumerate(alone):
+        kept = batched[row][attention_mask[row].bool()]
+        if kept.shape != single[0].shape or not torch.allclose(kept, single[0], atol=tol, rtol=tol):
+            worst = max(worst, (kept - single[0]).abs().max().item() if kept.shape == single[0].shape else float("inf"))
+    if worst:
+        yield s.finding("RM175", "config.json", "/pad_token_id", f"{side}-padded: off by {worst:.3g}")
 
 
 def _reinitialised(s: Subject, model) -> Iterator[Finding]:
@@ -217,23 +234,81 @@ def against_source(
         elif not _same_bytes(ours, theirs, theirs.nbytes if name != embedding else min(ours.nbytes, theirs.nbytes)):
             findings.append(s.finding("RM120", ours.path.name, name, "bytes differ"))
     if load and not findings and not merged:
-        findings += _compare_outputs(s, src)
+        findings += _compare_per_token(s, src) if s.per_token else _compare_outputs(s, src)
     return findings
 
 
-def _value_head_weight(src, score: str):
-    """A TRL value head's weight [1, H] as a float32 tensor (its bias is what the conversion drops), or None
-    when the conversion took another head (``score``, the architecture's, or OpenRLHF's)."""
+def _float_tensor(info: TensorInfo):
+    """A tensor's values as float32."""
     import torch
 
     from ..dtypes import decode
 
+    raw = bytes(read_range(info.path, info.offset, info.nbytes))
+    return torch.from_numpy(decode(raw, info.dtype).astype("float32")).reshape(info.shape)
+
+
+def _value_head_weight(src, score: str, with_bias: bool = False):
+    """A TRL value head's weight [1, H] as a float32 tensor (its bias is what the conversion drops), or None
+    when the conversion took another head (``score``, the architecture's, or OpenRLHF's); with ``with_bias``,
+    (weight, bias or None), the bias a token classifier keeps."""
     head = find_head(src, score)
     if head is None or head.kind != "value":
         return None
-    info = src.tensors[head.weight]
-    raw = bytes(read_range(info.path, info.offset, info.nbytes))
-    return torch.from_numpy(decode(raw, info.dtype).astype("float32")).reshape(info.shape)
+    weight = _float_tensor(src.tensors[head.weight])
+    if not with_bias:
+        return weight
+    return weight, _float_tensor(src.tensors[head.bias]) if head.bias else None
+
+
+def _per_token_source(s: Subject, src, theirs, hidden):
+    """The source's head applied to its hidden states ``hidden`` [T, H] at every token, or None for a causal LM
+    (the head is new): a value head's ``v_head.summary`` with its bias, a reward model's (or PRM's) own head."""
+    import torch
+
+    value = _value_head_weight(src, s.score_name, with_bias=True)
+    if value is not None:
+        weight, bias = value
+        out = hidden.float() @ weight.T
+        return out + bias if bias is not None else out
+    head = find_head(src, (s.architecture or Architecture()).layout(src).score)
+    if head is None or head.kind not in ("score", "openrlhf"):
+        return None
+    weight = _float_tensor(src.tensors[head.weight])
+    out = hidden.float() @ weight.T
+    return out + _float_tensor(src.tensors[head.bias]) if head.bias else torch.as_tensor(out)
+
+
+def _compare_per_token(s: Subject, src) -> list[Finding]:
+    """A token classifier against its source: hidden states equal, and per-token logits equal to the source's
+    head applied to them, under the head rules (in float32, up to the dtype's tolerance)."""
+    import torch
+
+    source_is_rm = find_head(src, (s.architecture or Architecture()).layout(src).score) is not None
+    try:
+        ours, _ = _load(s, s.path)
+        theirs, _ = _load(s, src.path, causal=not source_is_rm or s.score_name not in src.tensors)
+    except Exception as exc:  # noqa: BLE001 (whatever transformers raises is the finding)
+        return [_load_failed(s, exc)]
+    for model in (ours, theirs):
+        model.eval()
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone()
+    singles = [torch.tensor([ids]) for ids in _probe_ids(s, ours.get_input_embeddings().num_embeddings)[0]]
+    with torch.no_grad():
+        for ids in singles:
+            out = ours(ids, output_hidden_states=True, **accepted(ours, use_cache=False))
+            b = theirs(ids, output_hidden_states=True, **accepted(theirs, use_cache=False)).hidden_states[-1]
+            if not torch.equal(out.hidden_states[-1], b):
+                diff = (out.hidden_states[-1].float() - b.float()).abs().max().item()
+                return [s.finding("RM122", s.weights_file, "", f"max difference {diff:.3g}")]
+            expected = _per_token_source(s, src, theirs, b[0])
+            if expected is not None and not _rewards_agree(out.logits[0].float(), expected, _tolerance(ours.dtype)):
+                worst = "shapes differ"
+                if out.logits[0].shape == expected.shape:
+                    worst = f"off by {(out.logits[0].float() - expected).abs().max().item():.3g}"
+                return [s.finding("RM176", s.weights_file, s.score_name, worst)]
+    return []
 
 
 def _compare_outputs(s: Subject, src) -> list[Finding]:

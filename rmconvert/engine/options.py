@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ..dtypes import TORCH_NAMES
 from ..errors import UsageError
+from ..families.target import TARGETS, Target
 
-HEADS = {"scalar": 1, "bt": 2}
+#: --head name -> labels of the head it makes (the target of each: rmconvert.families.target.TARGETS).
+HEADS = {name: target.labels for name, target in TARGETS.items()}
+
+#: Options absent from rmconvert.json when not given, so that conversions made before they existed keep their bytes.
+OPTIONAL = ("step_separator",)
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -38,6 +43,16 @@ class Options:
     max_shard_size: int | None = None
     portable: bool = False
     hash_sources: bool = True
+    step_separator: str | None = None  # a PRM's step tag, recorded as config.json step_tag_id
+
+    @property
+    def target(self) -> Target:
+        """What the output is (a reward model, a value model, a PRM: rmconvert.families.target)."""
+        return TARGETS[self.head]
+
+    def recorded(self) -> dict:
+        """The options as rmconvert.json records them (an optional one only when given)."""
+        return {k: v for k, v in asdict(self).items() if k not in OPTIONAL or v is not None}
 
     def check(self) -> None:
         if self.head not in HEADS:
@@ -52,3 +67,11 @@ class Options:
             raise UsageError(f"--dtype must be one of {', '.join(TORCH_NAMES)}, not {self.dtype!r}")
         if self.max_shard_size is not None and self.max_shard_size <= 0:
             raise UsageError("--max-shard-size must be positive")
+        if self.step_separator is not None and not self.target.per_token:
+            raise UsageError(
+                f"--step-separator marks the steps a PRM scores: give it with --head prm or value, not {self.head}"
+            )
+        if self.head == "prm" and self.from_bt != "row1":
+            raise UsageError("--from-bt chooses how a 2-label head becomes 1 label; --head prm keeps 2 labels")
+        if self.step_separator == "":
+            raise UsageError("--step-separator must not be empty")

@@ -5,20 +5,21 @@ from __future__ import annotations
 import copy
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..dtypes import FLOAT_DTYPES
 from ..errors import CheckpointError, PluginError, UsageError
 from ..families.host import Registered
 from ..families.layout import Head, Layout
+from ..families.target import TOKEN, Target
 from ..io.hashing import sha256
 from ..io.safetensors import Header, OutTensor, Repeat, TensorInfo
 from ..sources.checkpoint import BIN_INDEX, INDEX, Checkpoint, read_json, text_config
 from ..sources.tokenizer_files import TOKENIZER_CONFIG, TokenizerFiles
-from .head import default_init_std, mean_row_part, merged_mean_row_parts, read_scalar, score_parts
+from .head import bias_parts, default_init_std, mean_row_part, merged_mean_row_parts, read_scalar, score_parts
 from .merge import plan_merge
-from .options import HEADS, Options
-from .pad import PadChoice, choose_pad
+from .options import Options
+from .pad import PadChoice, choose_pad, eos_ids
 from .shards import _plan_shards
 
 MANIFEST = "rmconvert.json"
@@ -58,6 +59,40 @@ def _value_head_bias(ckpt: Checkpoint, head: Head, hidden: int) -> float:
     return read_scalar(bias)
 
 
+def _refuse_mlp(ckpt: Checkpoint, head: Head, target: Target) -> None:
+    """An MLP head (Qwen2.5-Math-RM/PRM's score.0/score.2, GRM's v_head.summary.0/.2) is no linear score."""
+    layers = sorted({n.rsplit(".", 1)[0] for n in head.tensors})
+    raise CheckpointError(
+        f"{'/'.join(layers)} is an MLP head (linear layers with a nonlinearity between them): no linear score"
+        f" [labels, H] computes it, so it cannot become a {target.what} (--head {target.name});"
+        " validate it as it is, or serve it with the code it was released with",
+        ckpt.tensors[head.weight].path,
+    )
+
+
+def _check_bias(ckpt: Checkpoint, head: Head, rows: int) -> None:
+    """A token classifier's bias: [rows], a float."""
+    bias = ckpt.tensors[head.bias]
+    if bias.shape != (rows,) or bias.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(f"{bias.name} is {bias.dtype}{list(bias.shape)}; the head's bias is [{rows}]", bias.path)
+
+
+def _step_tag(ckpt: Checkpoint, text: str, pad: PadChoice, eos: set[int]) -> int:
+    """The one token id of a PRM's step separator ``text``, which must be neither the pad nor an eos."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(ckpt.path / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    if len(ids) != 1:
+        raise UsageError(
+            f"--step-separator {text!r} is {len(ids)} tokens {ids}: a step tag must be one token of the vocabulary"
+            " (a PRM's score is read at it)"
+        )
+    if ids[0] == pad.id or ids[0] in eos:
+        role = "the pad" if ids[0] == pad.id else "an eos"
+        raise UsageError(f"--step-separator {text!r} is token {ids[0]}, {role}: a step tag must be distinct from it")
+    return ids[0]
+
+
 def _check_shapes(ckpt: Checkpoint, layout: Layout) -> tuple[int, int]:
     """(vocab_size, hidden_size), after checking the embedding and any head agree with config.json."""
     vocab, hidden, embedding = layout.vocab_size, layout.hidden_size, layout.embedding
@@ -78,6 +113,8 @@ def _check_shapes(ckpt: Checkpoint, layout: Layout) -> tuple[int, int]:
             raise CheckpointError(f"{head} is {list(score.shape)}; a reward head is [1 or 2, {hidden}]", score.path)
         if score.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{head} has dtype {score.dtype}", score.path)
+        if layout.head.bias:
+            _check_bias(ckpt, layout.head, score.shape[0])
         id2label = ckpt.config.get("id2label")
         if isinstance(id2label, dict) and len(id2label) != score.shape[0]:
             raise CheckpointError(
@@ -115,26 +152,37 @@ def _keep_position_pad(ckpt: Checkpoint, pad: PadChoice, options: Options) -> No
     )
 
 
-def _output_config(ckpt: Checkpoint, registered: Registered, labels: int, vocab: int, pad: PadChoice, dtype) -> dict:
-    """config.json of the reward model: class, labels, regression, vocab, pad, no dropout; the rest preserved."""
+def _output_config(
+    ckpt: Checkpoint, registered: Registered, target: Target, vocab: int, pad: PadChoice, dtype, step_tag=None
+) -> dict:
+    """config.json of the reward model (or value model, PRM: ``target``): class, labels, problem type, vocab,
+    pad, no dropout, the step tag; the rest preserved."""
     config = copy.deepcopy(ckpt.config)
     arch = registered.architecture
-    config["architectures"] = [arch.class_name(ckpt.model_type)]
+    labels = target.labels
+    config["architectures"] = [arch.class_name(ckpt.model_type, target.task)]
     config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
     config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
-    config["problem_type"] = "regression"  # servers and pipelines then return raw rewards, not sigmoid/softmax
+    # regression: servers and pipelines then return raw rewards, not sigmoid/softmax; a PRM's labels are classes
+    config.pop("problem_type", None)
+    if target.problem_type:
+        config["problem_type"] = target.problem_type
+    if target.per_token:  # a token classifier's dropout before score defaults to 0.1 when not set
+        config["classifier_dropout"] = 0.0
+    if step_tag is not None:
+        config["step_tag_id"] = step_tag
     config.pop("num_labels", None)
     config.pop("value_head_prefix", None)
     text_config(config)["vocab_size"] = vocab
-    for target in {id(config): config, id(text_config(config)): text_config(config)}.values():
+    for part in {id(config): config, id(text_config(config)): text_config(config)}.values():
         if pad.id is not None:
-            target["pad_token_id"] = pad.id
+            part["pad_token_id"] = pad.id
         for name in arch.dropout_fields:
-            if isinstance(target.get(name), (int, float)) and not isinstance(target[name], bool) and target[name]:
-                target[name] = 0.0
+            if isinstance(part.get(name), (int, float)) and not isinstance(part[name], bool) and part[name]:
+                part[name] = 0.0
         for key in ("dtype", "torch_dtype"):
-            if dtype and key in target:
-                target[key] = dtype
+            if dtype and key in part:
+                part[key] = dtype
     arch.output_config(config)
     return config
 
@@ -160,7 +208,7 @@ def _plan_json(
             generated[f"{PORTABLE_MODULE}.py"] = source.encode()
             config["auto_map"] = {
                 **config.get("auto_map", {}),
-                "AutoModelForSequenceClassification": f"{PORTABLE_MODULE}.{config['architectures'][0]}",
+                options.target.auto_class: f"{PORTABLE_MODULE}.{config['architectures'][0]}",
             }
     if pad.token is not None and options.pad_token != "keep":
         originals = {
@@ -191,7 +239,9 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         merge = plan_merge(adapter, ckpt, layout)
         ckpt = merge.checkpoint
         layout = arch.layout(ckpt).require()  # the merged checkpoint: an adapter may bring the head
-    head = layout.head
+    head, target = layout.head, options.target
+    if head is not None and head.kind == "mlp":
+        _refuse_mlp(ckpt, head, target)
     value_head = head is not None and head.kind == "value"
     vocab, hidden = _check_shapes(ckpt, layout)
     bias = _value_head_bias(ckpt, head, hidden) if value_head else None
@@ -200,7 +250,17 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     generation_config = read_json(ckpt.path / GENERATION_CONFIG, required=False)
     # a value head was read at the last attended token: like a causal LM, it gets a pad distinct from eos
     trained_pad = existing is not None and not value_head
-    pad = choose_pad(options.pad_token, tok, ckpt.config, generation_config, arch.pad_tokens, trained_pad)
+    # a value model is fed the policy's ids: under auto, its pad is a token the vocabulary has (target.pad_rule)
+    pad_mode = target.pad_rule if options.pad_token == "auto" else options.pad_token
+    try:
+        pad = choose_pad(pad_mode, tok, ckpt.config, generation_config, arch.pad_tokens, trained_pad)
+    except CheckpointError:
+        if pad_mode == options.pad_token:
+            raise
+        pad = choose_pad(options.pad_token, tok, ckpt.config, generation_config, arch.pad_tokens, trained_pad)
+        grown = "the vocabulary grows past the policy's" if pad.is_new else "the pad is not the policy's"
+        warning = f"no token of the vocabulary qualifies as pad (--pad-token existing): {grown}"
+        pad = replace(pad, warnings=(*pad.warnings, warning))
     if ckpt.model_type in arch.pad_in_positions:
         _keep_position_pad(ckpt, pad, options)
     tokens = len(tok) + pad.is_new
@@ -210,7 +270,10 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
             ckpt.path / "tokenizer.json",
         )
     new_vocab = math.ceil(max(vocab, tokens) / 8) * 8
-    labels = HEADS[options.head]
+    labels = target.labels
+    step_tag = None
+    if options.step_separator is not None:
+        step_tag = _step_tag(ckpt, options.step_separator, pad, eos_ids(ckpt.config, generation_config, tok))
     dropped = set(layout.dropped)
     if layout.embedding in dropped:
         raise PluginError(f"architecture {arch.name!r} drops the input embedding {layout.embedding}")
@@ -225,10 +288,17 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     parts, head_how = score_parts(existing, labels, hidden, score_dtype, std, options.seed, options.from_bt)
     if value_head:
         head_how = f"value head {head.weight}" + (" as [zeros; w]" if labels == 2 else "") + f" ({existing.dtype})"
-    score = OutTensor(layout.score, score_dtype, (labels, hidden), tuple(parts))
-    shards, index = _plan_shards(ckpt, dropped, replaced, score, options)
+    score_name = arch.score_name(ckpt.model_type, TOKEN) if target.per_token else layout.score
+    score = OutTensor(score_name, score_dtype, (labels, hidden), tuple(parts))
+    heads, bias_how = (score,), None
+    if target.bias:  # the source head's bias by the weight's rule (a value head's exactly), else zeros
+        source_bias = ckpt.tensors[head.bias] if head is not None and head.bias else None
+        bias_bytes, bias_dtype, bias_how = bias_parts(source_bias, labels, score_dtype, options.from_bt)
+        bias_name = score_name[: -len("weight")] + "bias"
+        heads += (OutTensor(bias_name, bias_dtype, (labels,), bias_bytes),)
+    shards, index = _plan_shards(ckpt, dropped, replaced, heads, options)
 
-    config = _output_config(ckpt, registered, labels, new_vocab, pad, options.dtype)
+    config = _output_config(ckpt, registered, target, new_vocab, pad, options.dtype, step_tag)
     right_padding_only = ckpt.model_type in arch.right_padding_only
     json_files, generated = _plan_json(ckpt, right_padding_only, config, tok, generation_config, pad, options)
     skip = set(json_files) | set(generated) | {INDEX, BIN_INDEX, MANIFEST}
@@ -244,7 +314,13 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         "class": config["architectures"][0],
         "model_type": ckpt.model_type,
         "source_kind": "value-head model" if value_head else "reward model" if existing is not None else "causal LM",
-        "head": {"from": existing.shape[0] if existing else None, "labels": labels, "how": head_how},
+        "head": {
+            "from": existing.shape[0] if existing else None,
+            "labels": labels,
+            "how": head_how,
+            **({"bias": bias_how} if bias_how else {}),
+            **({"step_tag_id": step_tag} if step_tag is not None else {}),
+        },
         "pad": {"token": pad.token, "id": pad.id, "action": pad.action, "reason": pad.reason},
         "vocab": {"from": vocab, "to": new_vocab, "tokenizer": tokens, "added_rows": new_vocab - vocab},
         "dtype": options.dtype or "unchanged",
@@ -258,9 +334,15 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
             f"{ckpt.model_type}'s recurrence runs over pad tokens: score right-padded batches only"
             " (tokenizer padding_side is right)"
         )
+    if target.per_token:
+        report["target"] = target.what
+    if head is not None and head.kind == "score" and head.bias and not target.bias:
+        report["warnings"].append(
+            f"{head.bias} dropped ({report['class']}'s score has no bias): rankings are unchanged, values shift"
+        )
     if value_head:
         report["value_head"] = {"file": existing.path.name, "bias": bias}
-        if bias:
+        if bias and not target.bias:
             report["warnings"].append(
                 f"value head bias {bias:.6g} dropped (transformers' score has no bias): every reward is"
                 f" {abs(bias):.6g} {'lower' if bias > 0 else 'higher'} than the value head's output; preferences and"

@@ -28,9 +28,14 @@ def _shard_names(count: int, sharded: bool) -> list[str]:
 
 
 def _plan_shards(
-    ckpt: Checkpoint, dropped: set[str], replaced: dict[str, OutTensor], score: OutTensor, options: Options
+    ckpt: Checkpoint,
+    dropped: set[str],
+    replaced: dict[str, OutTensor],
+    score: OutTensor | tuple[OutTensor, ...],
+    options: Options,
 ) -> tuple[dict[str, Header | list[OutTensor]], dict | None]:
-    """The output shards (a source shard to copy whole, or the tensors to assemble) and the index."""
+    """The output shards (a source shard to copy whole, or the tensors to assemble) and the index; ``score`` is
+    the head (its weight, or its weight and bias)."""
     target = TORCH_NAMES[options.dtype] if options.dtype else None
     grouped: list[list[OutTensor]] = []
     changed: list[bool] = []
@@ -50,7 +55,8 @@ def _plan_shards(
     home = next((i for i, c in enumerate(changed) if c and grouped[i]), len(grouped) - 1)
     while not grouped[home] and home > 0:
         home -= 1
-    grouped[home].append(score.as_dtype(target) if target else score)
+    for tensor in score if isinstance(score, tuple) else (score,):
+        grouped[home].append(tensor.as_dtype(target) if target else tensor)
     changed[home] = True
 
     if options.max_shard_size:

@@ -16,9 +16,10 @@ from ..sources.checkpoint import VALUE_HEAD, Checkpoint, text_config
 class Head:
     """A reward head the source already has.
 
-    ``kind`` says whose layout it is: ``score`` (the family's sequence classifier), ``openrlhf``
-    (``<value_head_prefix>.weight``) or ``value`` (TRL's ``v_head.summary``, inline or in a side file).
-    Every kind is a linear map read at the last token that is not the pad.
+    ``kind`` says whose layout it is: ``score`` (the family's sequence classifier; with ``bias``, a token
+    classifier's), ``openrlhf`` (``<value_head_prefix>.weight``), ``value`` (TRL's ``v_head.summary``, inline
+    or in a side file) or ``mlp`` (layers with a nonlinearity between them: Qwen2.5-Math-RM/PRM's
+    ``score.0``/``score.2``; ``weight`` is the last layer's). Every kind but ``mlp`` is a linear map.
     """
 
     kind: str
@@ -79,7 +80,14 @@ def find_head(ckpt: Checkpoint, score: str) -> Head | None:
         tensors = frozenset(n for n in ckpt.tensors if n.startswith("v_head."))
         return Head("value", VALUE_HEAD + "weight", bias, tensors)
     if score in ckpt.tensors:
-        return Head("score", score, tensors=frozenset({score}))
+        bias = score[: -len("weight")] + "bias" if score.endswith(".weight") else None
+        bias = bias if bias in ckpt.tensors else None  # a token classifier's (TRL's PRMTrainer output)
+        return Head("score", score, bias, tensors=frozenset({score, bias} - {None}))
+    for prefix in ("score.", VALUE_HEAD):  # Qwen2.5-Math-RM/PRM's score.0/score.2, GRM's v_head.summary.0/.2
+        layers = sorted({n[len(prefix) :].split(".")[0] for n in ckpt.tensors if n.startswith(prefix)})
+        if len(layers) > 1 and all(x.isdigit() for x in layers):
+            tensors = frozenset(n for n in ckpt.tensors if n.startswith(prefix))
+            return Head("mlp", f"{prefix}{layers[-1]}.weight", tensors=tensors)
     return None
 
 

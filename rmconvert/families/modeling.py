@@ -7,6 +7,7 @@ import and the conversion itself never needs it.
 from __future__ import annotations
 
 from ..errors import CheckpointError
+from .target import AUTO_CLASS, SEQUENCE, TOKEN, task_of_class
 
 
 def _mappings():
@@ -120,11 +121,12 @@ def backbone_prefix(model_type: str) -> str:
     return _backbone_classes(model_type)[1].base_model_prefix or "model"  # e.g. Llama 4 leaves it empty
 
 
-def build_sequence_classification_class(model_type: str, class_name: str) -> type:
-    """A :class:`ScoreForSequenceClassification` over the family's backbone: ``<prefix>.*`` + ``score``."""
+def build_sequence_classification_class(model_type: str, class_name: str, task: str = SEQUENCE) -> type:
+    """A :class:`ScoreForSequenceClassification` over the family's backbone: ``<prefix>.*`` + ``score``; with
+    ``task="token"`` a :class:`ScoreForTokenClassification` (``score`` with a bias, at every token)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .reward_head import ScoreForSequenceClassification
+    from . import reward_head
 
     _, pretrained = _backbone_classes(model_type)
     # transformers inspects the defining module's source to decide which attention and experts kernels a
@@ -134,50 +136,101 @@ def build_sequence_classification_class(model_type: str, class_name: str) -> typ
         "base_model_prefix": backbone_prefix(model_type),
         "config_class": CONFIG_MAPPING[model_type],
     }
-    return type(class_name, (ScoreForSequenceClassification, pretrained), namespace)
+    return type(class_name, (getattr(reward_head, BUILT_BASE[task]), pretrained), namespace)
 
 
-_BUILT: dict[str, type] = {}
+#: The class rmconvert builds a family's classifier on, per task.
+BUILT_BASE = {SEQUENCE: "ScoreForSequenceClassification", TOKEN: "ScoreForTokenClassification"}
+
+_BUILT: dict[tuple[str, str], type] = {}
 
 
 def register_sequence_classification_class(model_type: str, class_name: str) -> type:
     """Register a class for ``model_type`` with ``AutoModelForSequenceClassification`` unless transformers' own
     is the reward class (:func:`reward_class_name`); a native class with another head is overridden."""
+    return _register(model_type, class_name, SEQUENCE)
+
+
+def register_token_classification_class(model_type: str, class_name: str) -> type:
+    """Register a class for ``model_type`` with ``AutoModelForTokenClassification`` unless transformers' own is
+    one linear map with a bias (:func:`token_class_name`)."""
+    return _register(model_type, class_name, TOKEN)
+
+
+def _register(model_type: str, class_name: str, task: str) -> type:
     import transformers
-    from transformers import AutoModelForSequenceClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    native = reward_class_name(model_type)
+    native = reward_class_name(model_type) if task == SEQUENCE else token_class_name(model_type)
     if native:
         return getattr(transformers, native)
-    if model_type not in _BUILT:
-        cls = build_sequence_classification_class(model_type, class_name)
-        config_class = CONFIG_MAPPING[model_type]
-        AutoModelForSequenceClassification.register(config_class, cls, exist_ok=True)
-        _BUILT[model_type] = cls
-    return _BUILT[model_type]
+    if (model_type, task) not in _BUILT:
+        cls = build_sequence_classification_class(model_type, class_name, task)
+        getattr(transformers, AUTO_CLASS[task]).register(CONFIG_MAPPING[model_type], cls, exist_ok=True)
+        _BUILT[model_type, task] = cls
+    return _BUILT[model_type, task]
+
+
+def token_class_name(model_type: str) -> str | None:
+    """transformers' own token classifier of ``model_type`` when its head is one linear map with a bias (most
+    families' ``score``, GPT-2's and BLOOM's ``classifier``): the class a value model or PRM fills completely."""
+    names = _mappings().MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.get(model_type)
+    native = names[0] if isinstance(names, (tuple, list)) else names
+    return native if native and _token_head(model_type, native) else None
+
+
+def _token_head(model_type: str, class_name: str) -> str | None:
+    """``X`` when the token classifier's head is exactly ``X.weight`` and ``X.bias``, else None."""
+    from .structure import classifier_parameters
+
+    head = classifier_parameters(model_type, class_name) or ()
+    if len(head) == 2 and head[0].endswith(".weight") and head[1] == head[0][: -len("weight")] + "bias":
+        return head[0][: -len(".weight")]
+    return None
+
+
+def token_score_name(model_type: str) -> str:
+    """The weight of the head of the token classifier of ``model_type``: its native head's, else ``score.weight``."""
+    native = token_class_name(model_type)
+    return f"{_token_head(model_type, native)}.weight" if native else "score.weight"
+
+
+def token_classification_class_name(model_type: str) -> str:
+    """The native token classifier (:func:`token_class_name`), else one named after the backbone class:
+    ``<Family>ForTokenClassification``, or ``<Family>ScoreForTokenClassification`` where transformers' class of
+    that name has another head."""
+    native = token_class_name(model_type)
+    if native:
+        return native
+    backbone = _backbone_name(model_type)
+    if not backbone or not backbone.endswith("Model"):
+        raise CheckpointError(f"transformers has no backbone class for model_type {model_type!r}")
+    other = model_type in _mappings().MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
+    return backbone[: -len("Model")] + ("ScoreForTokenClassification" if other else "ForTokenClassification")
 
 
 PORTABLE_MODULE = "modeling_rmconvert"
 
 
 def portable_module(model_type: str, class_name: str) -> str | None:
-    """Source of a modeling file defining ``class_name`` for ``--portable``; None when transformers' own class
-    is the reward class (the checkpoint then needs no code)."""
+    """Source of a modeling file defining ``class_name`` (a sequence or token classifier, by its name) for
+    ``--portable``; None when transformers' own class is the one (the checkpoint then needs no code)."""
     import inspect
 
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from . import reward_head
 
-    if reward_class_name(model_type):
+    task = task_of_class(class_name)
+    if (reward_class_name if task == SEQUENCE else token_class_name)(model_type):
         return None
     _, pretrained = _backbone_classes(model_type)
     config = CONFIG_MAPPING[model_type]
     body = inspect.getsource(reward_head).split('"""', 2)[2].lstrip("\n")
-    return f'''"""Written by rmconvert --portable: {class_name}, the reward-model class of {model_type!r}.
+    kind = "reward-model" if task == SEQUENCE else "token-classification"
+    return f'''"""Written by rmconvert --portable: {class_name}, the {kind} class of {model_type!r}.
 
-Load with AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True), or without
+Load with {AUTO_CLASS[task]}.from_pretrained(path, trust_remote_code=True), or without
 remote code through rmconvert.load_reward_model(path).
 """
 
@@ -186,7 +239,7 @@ from {pretrained.__module__} import {pretrained.__name__}  # noqa: E402
 from {config.__module__} import {config.__name__}  # noqa: E402
 
 
-class {class_name}(ScoreForSequenceClassification, {pretrained.__name__}):
+class {class_name}({BUILT_BASE[task]}, {pretrained.__name__}):
     base_model_prefix = "{backbone_prefix(model_type)}"
     config_class = {config.__name__}
 '''

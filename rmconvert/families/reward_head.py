@@ -1,4 +1,4 @@
-"""The sequence classifier rmconvert builds for families transformers has none for.
+"""The sequence and token classifiers rmconvert builds for families transformers has none for.
 
 Self-contained (torch and transformers only): ``--portable`` copies this source into the checkpoint.
 """
@@ -6,8 +6,8 @@ Self-contained (torch and transformers only): ``--portable`` copies this source 
 import inspect
 
 import torch
-from transformers.modeling_layers import GenericForSequenceClassification
-from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast, TokenClassifierOutput
 
 
 def accepted(module, **kwargs) -> dict:
@@ -33,6 +33,14 @@ def cache_of(outputs):
     return next((getattr(outputs, n) for n in CACHE_FIELDS if n in fields), None)
 
 
+def mark_loaded(model) -> None:
+    """Mark initialised every module whose tensors all loaded (so the family's initialisation skips it)."""
+    for module in model.modules():
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if tensors and all(getattr(t, "_is_hf_initialized", False) for t in tensors):
+            module._is_hf_initialized = True
+
+
 class ScoreForSequenceClassification(GenericForSequenceClassification):
     """A backbone under ``base_model_prefix`` plus ``score`` (no bias), read at the rightmost token that is
     not the pad: transformers' GenericForSequenceClassification, with a forward that also takes backbones
@@ -42,10 +50,7 @@ class ScoreForSequenceClassification(GenericForSequenceClassification):
         """Never over loaded weights: a module whose tensors all loaded is marked initialised before the
         family's initialisation runs, as transformers does for remote code (Youtu's zeroes the embedding's pad
         row through ``.data``, past the flag transformers marks loaded tensors with)."""
-        for module in self.modules():
-            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-            if tensors and all(getattr(t, "_is_hf_initialized", False) for t in tensors):
-                module._is_hf_initialized = True
+        mark_loaded(self)
         super().initialize_weights()
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
@@ -71,6 +76,32 @@ class ScoreForSequenceClassification(GenericForSequenceClassification):
             loss=loss,
             logits=pooled,
             **{CACHE: cache_of(outputs)},
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+
+class ScoreForTokenClassification(GenericForTokenClassification):
+    """A backbone under ``base_model_prefix`` plus ``score`` (with a bias) at every token, after a dropout of
+    ``classifier_dropout``: transformers' GenericForTokenClassification (a value model, a process reward model),
+    with the forward and initialisation of :class:`ScoreForSequenceClassification`."""
+
+    def initialize_weights(self):
+        """Never over loaded weights (see ScoreForSequenceClassification.initialize_weights)."""
+        mark_loaded(self)
+        super().initialize_weights()
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        backbone = getattr(self, self.base_model_prefix)
+        kwargs = accepted(backbone, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        outputs = backbone(input_ids=input_ids, **kwargs)
+        logits = self.score(self.dropout(outputs[0]))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config)
+        return TokenClassifierOutput(
+            loss=loss,
+            logits=logits,
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
