@@ -18,8 +18,9 @@ from pathlib import Path
 from .errors import summary
 
 
-def check(model_type: str, root: Path) -> tuple[str, str]:
-    """(outcome, detail) for one model_type: ok, unbuildable (no tiny causal LM that runs) or failed."""
+def check(model_type: str, root: Path, head: str = "scalar") -> tuple[str, str]:
+    """(outcome, detail) for one model_type: ok, unbuildable (no tiny causal LM that runs) or failed; ``head``
+    is convert's ``--head`` (``value``: the token classifier)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -34,8 +35,8 @@ def check(model_type: str, root: Path) -> tuple[str, str]:
     except Exception as exc:  # noqa: BLE001 (a family the tiny builder cannot make is reported, not fatal)
         return "unbuildable", summary(exc, 160)
     try:
-        report = convert(source, root / f"{model_type}-rm")
-        errors = [f for f in validate(root / f"{model_type}-rm", load=True) if f.severity == ERROR]
+        report = convert(source, root / f"{model_type}-{head}", head=head)
+        errors = [f for f in validate(root / f"{model_type}-{head}", load=True) if f.severity == ERROR]
     except Exception as exc:  # noqa: BLE001 (every failure is a finding of the report)
         return "failed", summary(exc, 160)
     if errors:
@@ -47,7 +48,7 @@ _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(["torch", "transformers", "rmconvert.engine", "rmconvert.doctor.validation"])
 
 
-def _child(model_type: str, root: Path, memory: int, conn) -> None:
+def _child(model_type: str, root: Path, memory: int, conn, head: str = "scalar") -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -55,18 +56,21 @@ def _child(model_type: str, root: Path, memory: int, conn) -> None:
     warnings.simplefilter("ignore")
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     try:
-        conn.send(check(model_type, root))
+        conn.send(check(model_type, root, head))
     except BaseException as exc:  # noqa: BLE001 (MemoryError and the like end up in the report)
         conn.send(("unbuildable", f"crashed: {summary(exc, 160)}"))
 
 
-def check_all(model_types, root: Path, memory: int, seconds: int, jobs: int = 2, on_result=None) -> dict:
+def check_all(
+    model_types, root: Path, memory: int, seconds: int, jobs: int = 2, on_result=None, head: str = "scalar"
+) -> dict:
     """``check`` of every model_type, each in a child process with bounded memory and time (some "tiny"
     configs are not tiny), ``jobs`` at a time; ``on_result(model_type, result)`` as each ends.
 
     Children fork from a fork server that has imported torch and transformers but run nothing (forking a
     process whose torch threads have run can deadlock), so each check starts warm and safe. A child that dies
-    without an answer (killed for memory, a crash in native code) is reported as such.
+    without an answer (killed for memory, a crash in native code) is reported as such. ``head``: convert's
+    ``--head`` (``value`` or ``prm``: every family as a token classifier).
     """
     from multiprocessing.connection import wait as wait_any
 
@@ -75,7 +79,7 @@ def check_all(model_types, root: Path, memory: int, seconds: int, jobs: int = 2,
         while pending and len(running) < jobs:
             model_type = pending.pop(0)
             receive, send = multiprocessing.Pipe(duplex=False)
-            worker = _CONTEXT.Process(target=_child, args=(model_type, root, memory, send))
+            worker = _CONTEXT.Process(target=_child, args=(model_type, root, memory, send, head))
             worker.start()
             send.close()  # the child holds the only writer: its death ends the pipe
             running[receive] = (model_type, worker, time.monotonic() + seconds)
@@ -109,6 +113,7 @@ def main(argv=None) -> None:
     parser.add_argument("--memory-gib", type=int, default=8, help="memory limit of each check (default 8)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds allowed for each check (default 300)")
     parser.add_argument("--jobs", type=int, default=2, help="checks run at once (default 2)")
+    parser.add_argument("--head", default="scalar", help="convert's --head (value, prm: token classifiers)")
     args = parser.parse_args(argv)
     logging.set_verbosity_error()
     logging.disable_progress_bar()
@@ -124,6 +129,7 @@ def main(argv=None) -> None:
             args.timeout,
             args.jobs,
             lambda model_type, result: print(f"{model_type:32} {result[0]:12} {result[1]}", flush=True),
+            args.head,
         )
     import transformers
 
