@@ -301,3 +301,46 @@ def test_the_token_classification_pipeline_reads_a_prm(build, tmp_path):
     found = pipeline("token-classification", model=str(tmp_path / "prm"))("the answer is good")
     assert found and {e["entity"] for e in found} <= {"LABEL_0", "LABEL_1"}
     assert all(0.0 <= e["score"] <= 1.0 for e in found)
+
+
+# --- Qwen2.5-Math-PRM's MLP head, kept ---------------------------------------------------------------------
+
+
+def qwen_prm(build, tmp_path) -> tuple[Path, dict]:
+    """Qwen2ForProcessRewardModel's layout on a tiny Qwen 2: score.0 [H, H] + b, ReLU, score.2 [2, H] + b, no LM
+    head, ``architectures`` naming the class vLLM serves."""
+    base = build("qwen2")
+    hidden = config(base)["hidden_size"]
+    gen = torch.Generator().manual_seed(5)
+    head = {"score.0.weight": torch.randn(hidden, hidden, generator=gen) / hidden**0.5}
+    head |= {"score.0.bias": torch.randn(hidden, generator=gen) / 10}
+    head |= {"score.2.weight": torch.randn(2, hidden, generator=gen) / hidden**0.5}
+    head |= {"score.2.bias": torch.randn(2, generator=gen) / 10}
+    src = edited(base, tmp_path / "qwen-prm", head, drop=("lm_head.weight",))
+    cfg = config(src)
+    cfg.update(architectures=["Qwen2ForProcessRewardModel"], tie_word_embeddings=False)
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src, head
+
+
+def test_qwen2_process_reward_model_is_kept_byte_for_byte(build, tmp_path):
+    from transformers import AutoModelForTokenClassification
+
+    src, head = qwen_prm(build, tmp_path)
+    report = convert(src, tmp_path / "prm", head="prm", step_separator="\n", portable=True)
+    dst, cfg = tmp_path / "prm", config(tmp_path / "prm")
+    assert cfg["architectures"] == [report["class"]] == ["Qwen2ForProcessRewardModel"]
+    assert cfg["auto_map"]["AutoModelForTokenClassification"] == "modeling_rmconvert.Qwen2ForProcessRewardModel"
+    assert report["head"]["how"] == "MLP head score.0/score.2 kept" and "step_tag_id" in cfg
+    stored = weights(dst)
+    assert all(torch.equal(stored[name], value) for name, value in head.items())
+    assert not [n for n in stored if n.startswith(("score.weight", "score.bias", "lm_head"))]
+    for ids in IDS:
+        h = hidden_states(src, ids)
+        first = torch.nn.functional.linear(h, head["score.0.weight"], head["score.0.bias"]).relu()
+        expected = torch.nn.functional.linear(first, head["score.2.weight"], head["score.2.bias"])
+        assert torch.equal(per_token(dst, ids), expected)
+    # the tiny Qwen 2's pad is its eos, kept as the PRM was trained with it (RM032, as for any such reward model)
+    assert [e for e in no_errors(dst, src) if e[0] != "RM032"] == []
+    model, info = AutoModelForTokenClassification.from_pretrained(dst, trust_remote_code=True, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {} and type(model).__name__ == "Qwen2ForProcessRewardModel"

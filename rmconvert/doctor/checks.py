@@ -75,7 +75,10 @@ def head(s: Subject) -> Iterator[Finding]:
     hidden, name = s.hidden_size, s.score_name
     for lm_head in sorted(n for n in s.ckpt.tensors if n.startswith("lm_head.")):
         yield s.finding("RM013", s.ckpt.tensors[lm_head].path.name, lm_head, f"a reward model has only {name}")
-    score = s.ckpt.tensors.get(name)
+    if s.kept_mlp is not None:  # Qwen2ForProcessRewardModel: its MLP head's last layer has a row per label
+        name, score = s.kept_mlp.weight, s.ckpt.tensors[s.kept_mlp.weight]
+    else:
+        score = s.ckpt.tensors.get(name)
     if score is None and VALUE_HEAD + "weight" in s.ckpt.tensors:
         return  # RM015
     if score is None:
@@ -219,7 +222,7 @@ def policy_vocabulary(s: Subject) -> Iterator[Finding]:
 
 def token_head(s: Subject) -> Iterator[Finding]:
     """A token classifier (value model, PRM): its head's bias [labels], no dropout before it."""
-    if not s.per_token:
+    if not s.per_token or s.kept_mlp is not None:
         return
     name = s.score_name
     score = s.ckpt.tensors.get(name)

@@ -272,6 +272,14 @@ def _per_token_source(s: Subject, src, theirs, hidden):
         out = hidden.float() @ weight.T
         return out + bias if bias is not None else out
     head = find_head(src, (s.architecture or Architecture()).layout(src).score)
+    if head is not None and head.kind == "mlp" and s.kept_mlp is not None:  # Linear, ReLU, Linear
+        layers = sorted({n.rsplit(".", 1)[0] for n in head.tensors})
+        out = hidden.float()
+        for i, layer in enumerate(layers):
+            weight, bias = (_float_tensor(src.tensors[f"{layer}.{p}"]) for p in ("weight", "bias"))
+            out = out @ weight.T + bias
+            out = out.relu() if i < len(layers) - 1 else out
+        return out
     if head is None or head.kind not in ("score", "openrlhf"):
         return None
     weight = _float_tensor(src.tensors[head.weight])

@@ -11,7 +11,7 @@ from ..dtypes import FLOAT_DTYPES
 from ..errors import CheckpointError, PluginError, UsageError
 from ..families.host import Registered
 from ..families.layout import Head, Layout
-from ..families.target import TOKEN, Target
+from ..families.target import PROCESS_REWARD_CLASSES, TOKEN, Target
 from ..io.hashing import sha256
 from ..io.safetensors import Header, OutTensor, Repeat, TensorInfo
 from ..sources.checkpoint import BIN_INDEX, INDEX, Checkpoint, read_json, text_config
@@ -68,6 +68,14 @@ def _refuse_mlp(ckpt: Checkpoint, head: Head, target: Target) -> None:
         " validate it as it is, or serve it with the code it was released with",
         ckpt.tensors[head.weight].path,
     )
+
+
+def _keeps_mlp(ckpt: Checkpoint, head: Head, target: Target) -> bool:
+    """Whether the MLP head stays as it is: a ``--head prm`` of a PRM whose class holds it (Qwen2.5-Math-PRM's
+    ``Qwen2ForProcessRewardModel``, served by vLLM), with 2 labels."""
+    name = (ckpt.config.get("architectures") or [None])[0]
+    last = ckpt.tensors[head.weight]
+    return target.name == "prm" and name in PROCESS_REWARD_CLASSES and last.shape[0] == target.labels
 
 
 def _check_bias(ckpt: Checkpoint, head: Head, rows: int) -> None:
@@ -240,16 +248,19 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         ckpt = merge.checkpoint
         layout = arch.layout(ckpt).require()  # the merged checkpoint: an adapter may bring the head
     head, target = layout.head, options.target
-    if head is not None and head.kind == "mlp":
+    kept_mlp = head is not None and head.kind == "mlp" and _keeps_mlp(ckpt, head, target)
+    if head is not None and head.kind == "mlp" and not kept_mlp:
         _refuse_mlp(ckpt, head, target)
     value_head = head is not None and head.kind == "value"
-    vocab, hidden = _check_shapes(ckpt, layout)
+    vocab, hidden = _check_shapes(ckpt, layout) if not kept_mlp else (layout.vocab_size, layout.hidden_size)
+    if kept_mlp:
+        _check_shapes(ckpt, replace(layout, head=None))
     bias = _value_head_bias(ckpt, head, hidden) if value_head else None
-    existing = ckpt.tensors[head.weight] if head else None
+    existing = ckpt.tensors[head.weight] if head and not kept_mlp else None
     tok = TokenizerFiles.read(ckpt.path)
     generation_config = read_json(ckpt.path / GENERATION_CONFIG, required=False)
     # a value head was read at the last attended token: like a causal LM, it gets a pad distinct from eos
-    trained_pad = existing is not None and not value_head
+    trained_pad = (existing is not None or kept_mlp) and not value_head
     # a value model is fed the policy's ids: under auto, its pad is a token the vocabulary has (target.pad_rule)
     pad_mode = target.pad_rule if options.pad_token == "auto" else options.pad_token
     try:
@@ -274,7 +285,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     step_tag = None
     if options.step_separator is not None:
         step_tag = _step_tag(ckpt, options.step_separator, pad, eos_ids(ckpt.config, generation_config, tok))
-    dropped = set(layout.dropped)
+    dropped = set(layout.dropped) - (set(head.tensors) if kept_mlp else set())
     if layout.embedding in dropped:
         raise PluginError(f"architecture {arch.name!r} drops the input embedding {layout.embedding}")
 
@@ -291,7 +302,13 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     score_name = arch.score_name(ckpt.model_type, TOKEN) if target.per_token else layout.score
     score = OutTensor(score_name, score_dtype, (labels, hidden), tuple(parts))
     heads, bias_how = (score,), None
-    if target.bias:  # the source head's bias by the weight's rule (a value head's exactly), else zeros
+    if kept_mlp:  # the MLP head's tensors stay where they are, as backbone tensors do
+        heads, head_how, bias_how = (
+            (),
+            f"MLP head {'/'.join(sorted({n.rsplit('.', 1)[0] for n in head.tensors}))} kept",
+            None,
+        )
+    elif target.bias:  # the source head's bias by the weight's rule (a value head's exactly), else zeros
         source_bias = ckpt.tensors[head.bias] if head is not None and head.bias else None
         bias_bytes, bias_dtype, bias_how = bias_parts(source_bias, labels, score_dtype, options.from_bt)
         bias_name = score_name[: -len("weight")] + "bias"
@@ -299,6 +316,8 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     shards, index = _plan_shards(ckpt, dropped, replaced, heads, options)
 
     config = _output_config(ckpt, registered, target, new_vocab, pad, options.dtype, step_tag)
+    if kept_mlp:
+        config["architectures"] = ckpt.config["architectures"][:1]
     right_padding_only = ckpt.model_type in arch.right_padding_only
     json_files, generated = _plan_json(ckpt, right_padding_only, config, tok, generation_config, pad, options)
     skip = set(json_files) | set(generated) | {INDEX, BIN_INDEX, MANIFEST}
@@ -313,9 +332,15 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         "architecture": arch.name,
         "class": config["architectures"][0],
         "model_type": ckpt.model_type,
-        "source_kind": "value-head model" if value_head else "reward model" if existing is not None else "causal LM",
+        "source_kind": "value-head model"
+        if value_head
+        else "process reward model (MLP head)"
+        if kept_mlp
+        else "reward model"
+        if existing is not None
+        else "causal LM",
         "head": {
-            "from": existing.shape[0] if existing else None,
+            "from": existing.shape[0] if existing else labels if kept_mlp else None,
             "labels": labels,
             "how": head_how,
             **({"bias": bias_how} if bias_how else {}),

@@ -57,7 +57,7 @@ def _plan_shards(
         home -= 1
     for tensor in score if isinstance(score, tuple) else (score,):
         grouped[home].append(tensor.as_dtype(target) if target else tensor)
-    changed[home] = True
+        changed[home] = True
 
     if options.max_shard_size:
         groups = _reshard([t for group in grouped for t in group], options.max_shard_size)

@@ -7,7 +7,7 @@ import and the conversion itself never needs it.
 from __future__ import annotations
 
 from ..errors import CheckpointError
-from .target import AUTO_CLASS, SEQUENCE, TOKEN, task_of_class
+from .target import AUTO_CLASS, PROCESS_REWARD_CLASSES, SEQUENCE, TOKEN, task_of_class
 
 
 def _mappings():
@@ -141,6 +141,31 @@ def build_sequence_classification_class(model_type: str, class_name: str, task: 
 
 #: The class rmconvert builds a family's classifier on, per task.
 BUILT_BASE = {SEQUENCE: "ScoreForSequenceClassification", TOKEN: "ScoreForTokenClassification"}
+#: Token-level classes with an MLP head, by the name their checkpoints (and vLLM) give them.
+PROCESS_REWARD_BASE = {name: "ProcessRewardForTokenClassification" for name in PROCESS_REWARD_CLASSES}
+
+_PROCESS_REWARD: dict[tuple[str, str], type] = {}
+
+
+def process_reward_class(model_type: str, class_name: str) -> type:
+    """The class of a kept MLP-head PRM (``Qwen2ForProcessRewardModel``) over the family's backbone. Not
+    registered with an auto class: that would take the family's token classifier's place; loaded by name
+    (:func:`rmconvert.load_reward_model`, or ``--portable``'s auto_map)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from . import reward_head
+
+    if (model_type, class_name) not in _PROCESS_REWARD:
+        _, pretrained = _backbone_classes(model_type)
+        namespace = {
+            "__module__": pretrained.__module__,
+            "base_model_prefix": backbone_prefix(model_type),
+            "config_class": CONFIG_MAPPING[model_type],
+        }
+        base = getattr(reward_head, PROCESS_REWARD_BASE[class_name])
+        _PROCESS_REWARD[model_type, class_name] = type(class_name, (base, pretrained), namespace)
+    return _PROCESS_REWARD[model_type, class_name]
+
 
 _BUILT: dict[tuple[str, str], type] = {}
 
@@ -222,7 +247,10 @@ def portable_module(model_type: str, class_name: str) -> str | None:
     from . import reward_head
 
     task = task_of_class(class_name)
-    if (reward_class_name if task == SEQUENCE else token_class_name)(model_type):
+    base = PROCESS_REWARD_BASE.get(class_name, BUILT_BASE[task])
+    if class_name not in PROCESS_REWARD_BASE and (reward_class_name if task == SEQUENCE else token_class_name)(
+        model_type
+    ):
         return None
     _, pretrained = _backbone_classes(model_type)
     config = CONFIG_MAPPING[model_type]
@@ -239,7 +267,7 @@ from {pretrained.__module__} import {pretrained.__name__}  # noqa: E402
 from {config.__module__} import {config.__name__}  # noqa: E402
 
 
-class {class_name}({BUILT_BASE[task]}, {pretrained.__name__}):
+class {class_name}({base}, {pretrained.__name__}):
     base_model_prefix = "{backbone_prefix(model_type)}"
     config_class = {config.__name__}
 '''

@@ -105,3 +105,18 @@ class ScoreForTokenClassification(GenericForTokenClassification):
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
+
+
+class ProcessRewardForTokenClassification(ScoreForTokenClassification):
+    """Qwen2.5-Math-PRM's layout (``Qwen2ForProcessRewardModel``): a backbone plus an MLP head at every token,
+    ``score.0 [H, H]`` + bias, ReLU, ``score.2 [labels, H]`` + bias (vLLM's ``qwen2_rm.py``); P(correct step) is
+    the softmax's entry 1 at each step tag."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        hidden = config.get_text_config().hidden_size
+        self.dropout = torch.nn.Identity()
+        self.score = torch.nn.Sequential(
+            torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, config.num_labels)
+        )
+        self.post_init()
