@@ -205,10 +205,13 @@ def token_class_name(model_type: str) -> str | None:
 
 
 def _token_head(model_type: str, class_name: str) -> str | None:
-    """``X`` when the token classifier's head is exactly ``X.weight`` and ``X.bias``, else None."""
+    """``X`` when the token classifier's head is exactly ``X.weight`` and ``X.bias``, else None; a class that
+    cannot be built from its family's default config is trusted, as ``score`` (as :func:`reward_class_name`)."""
     from .structure import classifier_parameters
 
-    head = classifier_parameters(model_type, class_name) or ()
+    head = classifier_parameters(model_type, class_name)
+    if head is None:
+        return "score"
     if len(head) == 2 and head[0].endswith(".weight") and head[1] == head[0][: -len("weight")] + "bias":
         return head[0][: -len(".weight")]
     return None
