@@ -11,7 +11,7 @@ from ..dtypes import FLOAT_DTYPES
 from ..errors import CheckpointError, PluginError, UsageError
 from ..families.host import Registered
 from ..families.layout import Head, Layout
-from ..families.target import PROCESS_REWARD_CLASSES, TOKEN, Target
+from ..families.target import PROCESS_REWARD_CLASSES, Target
 from ..io.hashing import sha256
 from ..io.safetensors import Header, OutTensor, Repeat, TensorInfo
 from ..sources.checkpoint import BIN_INDEX, INDEX, Checkpoint, read_json, text_config
@@ -99,6 +99,23 @@ def _step_tag(ckpt: Checkpoint, text: str, pad: PadChoice, eos: set[int]) -> int
         role = "the pad" if ids[0] == pad.id else "an eos"
         raise UsageError(f"--step-separator {text!r} is token {ids[0]}, {role}: a step tag must be distinct from it")
     return ids[0]
+
+
+def target_heads(
+    target: Target, weights: tuple[OutTensor, ...], score_name: str, source_bias: TensorInfo | None, options: Options
+) -> tuple[tuple[OutTensor, ...], str | None]:
+    """The head tensors ``target`` writes from the weight a head rule made (``score.weight [labels, H]``, whatever
+    rule made it: new, copied rows, a difference, a value head, LM-head rows), and how its bias was made (None
+    without one). A sequence classifier writes the weight as it is; a token classifier writes it under its class's
+    head name, plus ``.bias [labels]``: the source head's own bias by the weight's row rule, else zeros."""
+    if not target.bias:
+        return weights, None
+    (weight,) = weights
+    weight = replace(weight, name=score_name)
+    labels = weight.shape[0]
+    bias_bytes, bias_dtype, how = bias_parts(source_bias, labels, weight.dtype, options.from_bt)
+    bias = OutTensor(score_name[: -len("weight")] + "bias", bias_dtype, (labels,), bias_bytes)
+    return (weight, bias), how
 
 
 def _check_shapes(ckpt: Checkpoint, layout: Layout) -> tuple[int, int]:
@@ -299,20 +316,14 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     parts, head_how = score_parts(existing, labels, hidden, score_dtype, std, options.seed, options.from_bt)
     if value_head:
         head_how = f"value head {head.weight}" + (" as [zeros; w]" if labels == 2 else "") + f" ({existing.dtype})"
-    score_name = arch.score_name(ckpt.model_type, TOKEN) if target.per_token else layout.score
-    score = OutTensor(score_name, score_dtype, (labels, hidden), tuple(parts))
-    heads, bias_how = (score,), None
+    score = OutTensor(layout.score, score_dtype, (labels, hidden), tuple(parts))
+    source_bias = ckpt.tensors[head.bias] if head is not None and head.bias else None
+    heads, bias_how = target_heads(
+        target, (score,), arch.score_name(ckpt.model_type, target.task), source_bias, options
+    )
     if kept_mlp:  # the MLP head's tensors stay where they are, as backbone tensors do
-        heads, head_how, bias_how = (
-            (),
-            f"MLP head {'/'.join(sorted({n.rsplit('.', 1)[0] for n in head.tensors}))} kept",
-            None,
-        )
-    elif target.bias:  # the source head's bias by the weight's rule (a value head's exactly), else zeros
-        source_bias = ckpt.tensors[head.bias] if head is not None and head.bias else None
-        bias_bytes, bias_dtype, bias_how = bias_parts(source_bias, labels, score_dtype, options.from_bt)
-        bias_name = score_name[: -len("weight")] + "bias"
-        heads += (OutTensor(bias_name, bias_dtype, (labels,), bias_bytes),)
+        heads, bias_how = (), None
+        head_how = f"MLP head {'/'.join(sorted({n.rsplit('.', 1)[0] for n in head.tensors}))} kept"
     shards, index = _plan_shards(ckpt, dropped, replaced, heads, options)
 
     config = _output_config(ckpt, registered, target, new_vocab, pad, options.dtype, step_tag)
