@@ -342,3 +342,22 @@ def test_qwen2_process_reward_model_is_kept_byte_for_byte(build, tmp_path):
     assert [e for e in no_errors(dst, src) if e[0] != "RM032"] == []
     model, info = AutoModelForTokenClassification.from_pretrained(dst, trust_remote_code=True, output_loading_info=True)
     assert {k: v for k, v in info.items() if v} == {} and type(model).__name__ == "Qwen2ForProcessRewardModel"
+
+
+def test_a_token_classifier_of_a_built_in_family_converts_without_torch_or_transformers(build, tmp_path):
+    """As for reward models: the llama, olmo2 and olmoe plugins name their token classifier, so ``convert --head
+    value`` reads headers and JSON only (no torch, no transformers: memory stays flat)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from rmconvert.cli import main\n"
+        "sys.argv = ['rmconvert', 'convert', sys.argv[1], sys.argv[2], '--head', 'value']\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print([m for m in ('torch', 'transformers') if m in sys.modules])\n"
+    )
+    for kind in ("llama3", "olmo2", "olmoe"):
+        command = [sys.executable, "-c", code, str(build(kind)), str(tmp_path / kind)]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=True)
+        assert result.stdout.strip().splitlines()[-1] == "[]", (kind, result.stdout, result.stderr)
