@@ -248,7 +248,8 @@ def step_tag(s: Subject) -> Iterator[Finding]:
         return
     vocab = s.text_config.get("vocab_size")
     size = len(s.tokenizer) if s.tokenizer is not None else vocab
-    if type(tag) is not int or not 0 <= tag < min(x for x in (size, vocab) if type(x) is int):
+    limit = min((x for x in (size, vocab) if type(x) is int), default=None)
+    if type(tag) is not int or tag < 0 or (limit is not None and tag >= limit):
         yield s.finding("RM173", CONFIG, "/step_tag_id", f"{tag!r}; the vocabulary has {size} tokens")
         return
     if s.tokenizer is None:

@@ -17,7 +17,7 @@ from ..errors import CheckpointError, summary
 from ..families.architecture import Architecture
 from ..families.host import Registry
 from ..families.layout import Layout
-from ..families.target import PROCESS_REWARD_CLASSES, TOKEN, task_of_config
+from ..families.target import PROCESS_REWARD_CLASSES, TOKEN, class_of_config, task_of_config
 from ..sources.checkpoint import Checkpoint, text_config
 from ..sources.tokenizer_files import TokenizerFiles
 
@@ -288,7 +288,7 @@ class Subject:
     @property
     def kept_mlp(self):
         """The MLP head of a PRM whose class holds it (Qwen2ForProcessRewardModel), else None."""
-        name = (self.config.get("architectures") or [None])[0]
+        name = class_of_config(self.config)
         head = self.layout.head if self.layout is not None else None
         return head if name in PROCESS_REWARD_CLASSES and head is not None and head.kind == "mlp" else None
 

@@ -11,7 +11,7 @@ from ..dtypes import FLOAT_DTYPES
 from ..errors import CheckpointError, PluginError, UsageError
 from ..families.host import Registered
 from ..families.layout import Head, Layout
-from ..families.target import PROCESS_REWARD_CLASSES, Target
+from ..families.target import PROCESS_REWARD_CLASSES, Target, class_of_config
 from ..io.hashing import sha256
 from ..io.safetensors import Header, OutTensor, Repeat, TensorInfo
 from ..sources.checkpoint import BIN_INDEX, INDEX, Checkpoint, read_json, text_config
@@ -73,7 +73,7 @@ def _refuse_mlp(ckpt: Checkpoint, head: Head, target: Target) -> None:
 def _keeps_mlp(ckpt: Checkpoint, head: Head, target: Target) -> bool:
     """Whether the MLP head stays as it is: a ``--head prm`` of a PRM whose class holds it (Qwen2.5-Math-PRM's
     ``Qwen2ForProcessRewardModel``, served by vLLM), with 2 labels."""
-    name = (ckpt.config.get("architectures") or [None])[0]
+    name = class_of_config(ckpt.config)
     last = ckpt.tensors[head.weight]
     return target.name == "prm" and name in PROCESS_REWARD_CLASSES and last.shape[0] == target.labels
 

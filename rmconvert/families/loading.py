@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..sources.checkpoint import read_config
 from .host import Registry, load_registry
-from .target import AUTO_CLASS, PROCESS_REWARD_CLASSES, task_of_config
+from .target import AUTO_CLASS, PROCESS_REWARD_CLASSES, class_of_config, task_of_config
 
 
 def register_classes(path: str | Path, registry: Registry | None = None) -> type:
@@ -26,7 +26,7 @@ def load_reward_model(path: str | Path, **kwargs):
     from .modeling import process_reward_class
 
     config, registry = read_config(Path(path)), kwargs.pop("registry", None)
-    name = (config.get("architectures") or [None])[0]
+    name = class_of_config(config)
     if name in PROCESS_REWARD_CLASSES:  # an MLP-head PRM, kept: its class by name (no auto class holds it)
         return process_reward_class(config["model_type"], name).from_pretrained(path, **kwargs)
     register_classes(path, registry)

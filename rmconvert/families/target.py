@@ -63,13 +63,21 @@ TARGETS = {
 
 def task_of_class(class_name: str | None) -> str:
     """The task of a class name written to config.json ``architectures`` (sequence unless it says token)."""
-    return TOKEN if (class_name or "").endswith(SUFFIX[TOKEN]) or class_name in PROCESS_REWARD_CLASSES else SEQUENCE
+    if not isinstance(class_name, str):
+        return SEQUENCE
+    return TOKEN if class_name.endswith(SUFFIX[TOKEN]) or class_name in PROCESS_REWARD_CLASSES else SEQUENCE
 
 
 def task_of_config(config: dict) -> str:
     """The task of a checkpoint from its config.json ``architectures``."""
-    names = config.get("architectures") or [None]
-    return task_of_class(names[0] if isinstance(names, list) and names else None)
+    return task_of_class(class_of_config(config))
+
+
+def class_of_config(config: dict) -> str | None:
+    """config.json's first ``architectures`` entry, when it is a string."""
+    names = config.get("architectures")
+    name = names[0] if isinstance(names, list) and names else None
+    return name if isinstance(name, str) else None
 
 
 #: Token-level classes whose head is not ``score [labels, H]``: kept as they are (Qwen2.5-Math-PRM's MLP head).
