@@ -361,3 +361,13 @@ def test_a_token_classifier_of_a_built_in_family_converts_without_torch_or_trans
         command = [sys.executable, "-c", code, str(build(kind)), str(tmp_path / kind)]
         result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=True)
         assert result.stdout.strip().splitlines()[-1] == "[]", (kind, result.stdout, result.stderr)
+
+
+def test_a_trl_prm_becomes_a_reward_model_read_at_the_last_token(build, tmp_path):
+    """A sequence classifier of a PRM: row 1 of its head, its bias dropped with a warning; validate --against
+    compares the reward with the PRM's per-token logit at the last token, minus the bias (as for a value head)."""
+    src = trl_prm(build, tmp_path)
+    report = convert(src, tmp_path / "rm")
+    assert [w for w in report["warnings"] if "score.bias dropped" in w]
+    assert torch.equal(weights(tmp_path / "rm")["score.weight"], weights(src)["score.weight"][1:])
+    assert no_errors(tmp_path / "rm", src) == []

@@ -354,7 +354,11 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
                 )
         if source_is_rm:
             r_ours = torch.cat([ours(ids, **accepted(ours, use_cache=False)).logits for ids in singles])
-            r_theirs = torch.cat([theirs(ids, **accepted(theirs, use_cache=False)).logits for ids in singles])
+            r_theirs = [theirs(ids, **accepted(theirs, use_cache=False)).logits for ids in singles]
+            r_theirs = torch.cat([r[:, -1] if r.dim() == 3 else r for r in r_theirs])  # a PRM: its last token
+            source_head = find_head(src, s.score_name)
+            if source_head is not None and source_head.bias:  # a token classifier's bias, which ours cannot hold
+                r_theirs = r_theirs - _float_tensor(src.tensors[source_head.bias]).to(r_theirs.dtype)
             if not _rewards_agree(r_ours, r_theirs, _tolerance(ours.dtype)):
                 findings.append(s.finding("RM123", s.weights_file, s.score_name, "rewards disagree"))
     return findings
