@@ -90,7 +90,12 @@ CODES = {
             "RM021", ERROR, "vocab_size is smaller than the tokenizer", FIX + " (pads the vocabulary, never shrinks it)"
         ),
         Code("RM022", ERROR, "embedding rows differ from vocab_size", "set vocab_size to the embedding's rows"),
-        Code("RM023", ERROR, "the layout cannot be told (the input embedding, the tensors to drop)", "check the architecture (--arch) or the plugin"),
+        Code(
+            "RM023",
+            ERROR,
+            "the layout cannot be told (the input embedding, the tensors to drop)",
+            "check the architecture (--arch) or the plugin",
+        ),
         Code("RM024", ERROR, "a tensor's width differs from hidden_size", "re-export the checkpoint"),
         Code("RM031", ERROR, "pad_token_id is not below vocab_size", FIX),
         Code(

@@ -10,7 +10,7 @@ import signal
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -66,7 +66,7 @@ def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
             "distribution": entry.distribution,
             "version": entry.version,
         },
-        "options": asdict(options),
+        "options": options.recorded(),
         **({"source_repo": origin} if (origin := snapshot_origin(plan.checkpoint.path)) else {}),
         "source_files": hashes,
         "result": {
