@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..engine.lora_merge import TORCH_DTYPES, read_range, read_tensor
+from ..engine.merge import HEAD
 from ..engine.pad import token_ids
 from ..errors import CheckpointError, summary
 from ..families.architecture import Architecture
@@ -171,7 +172,36 @@ def _merged(s: Subject, src, adapter: Path | None) -> dict:
     from ..engine.merge import plan_merge
     from ..sources.adapter import read_adapter
 
-    return plan_merge(read_adapter(adapter), src, (s.architecture or Architecture()).layout(src)).parts
+    merge = plan_merge(read_adapter(adapter), src, (s.architecture or Architecture()).layout(src))
+    parts = dict(merge.parts)
+    if merge.head == "adapter":  # the head the adapter saved whole (modules_to_save), compared by the head rules
+        parts[HEAD] = merge.checkpoint.tensors[HEAD]
+    return parts
+
+
+def _head_findings(s: Subject, ours: TensorInfo, theirs: TensorInfo) -> list[Finding]:
+    """RM125 unless the reward model's head is the adapter's (modules_to_save) under the head rules: the same rows,
+    ``[zeros; w]`` from one row, row 1 or row 1 - row 0 from two."""
+    from ..dtypes import decode, encode
+
+    if ours.dtype != theirs.dtype:
+        return [s.finding("RM124", ours.path.name, ours.name, f"{theirs.dtype} -> {ours.dtype}")]
+    row = lambda t, i: bytes(read_range(t.path, t.offset + i * t.row_bytes, t.row_bytes))
+    if len(ours.shape) == 2 and ours.shape[1:] == theirs.shape[1:] and len(theirs.shape) == 2:
+        mine = [row(ours, i) for i in range(ours.shape[0])]
+        given = [row(theirs, i) for i in range(theirs.shape[0])]
+        if mine == given:
+            return []
+        if len(given) == 1 and len(mine) == 2 and mine[1] == given[0] and not any(mine[0]):
+            return []
+        if len(given) == 2 and len(mine) == 1:
+            difference = encode(
+                decode(given[1], theirs.dtype).astype("f8") - decode(given[0], theirs.dtype), ours.dtype
+            )
+            if mine[0] in (given[1], difference):
+                return []
+    what = f"{list(theirs.shape)} in the adapter, {list(ours.shape)} here"
+    return [s.finding("RM125", ours.path.name, ours.name, f"differs from the adapter's head (modules_to_save): {what}")]
 
 
 def _merged_findings(s: Subject, ours: TensorInfo, expected) -> list[Finding]:
@@ -216,6 +246,12 @@ def against_source(
             findings.append(s.finding("RM120", ours.path.name, name, f"{list(theirs.shape)} -> {list(ours.shape)}"))
         elif not _same_bytes(ours, theirs, theirs.nbytes if name != embedding else min(ours.nbytes, theirs.nbytes)):
             findings.append(s.finding("RM120", ours.path.name, name, "bytes differ"))
+    for name in sorted(set(merged) - set(src.tensors)):  # what only the adapter holds: its head
+        ours = s.ckpt.tensors.get(name)
+        if ours is None:
+            findings.append(s.finding("RM121", str(adapter), name, "in the adapter, not in the reward model"))
+        else:
+            findings += _head_findings(s, ours, merged[name])
     if load and not findings and not merged:
         findings += _compare_outputs(s, src)
     return findings

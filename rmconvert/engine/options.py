@@ -17,14 +17,15 @@ HEAD_RULE_OPTIONS = ("label_names", "objective", "weights", "head_from_tokens")
 
 
 def split_list(text: str) -> tuple[str, ...]:
-    """``a,b,c`` as a tuple (an empty item stays, to be refused by :meth:`Options.check`)."""
-    return tuple(item.strip() for item in text.split(","))
+    """``a,b,c`` as a tuple, each item exactly as written (a token may start with a space; an empty item stays,
+    to be refused by :meth:`Options.check`)."""
+    return tuple(text.split(","))
 
 
 def parse_weights(text: str) -> tuple[float, ...]:
     """``0.3,-0.33,...`` as floats."""
     try:
-        return tuple(float(w) for w in split_list(text))
+        return tuple(float(w) for w in text.split(","))
     except ValueError:
         raise UsageError(f"--weights {text!r} is not a comma-separated list of numbers") from None
 
