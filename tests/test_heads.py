@@ -42,7 +42,7 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for shard in sorted(path.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
-            out |= {k: f.get_tensor(k) for k in f.keys()}
+            out |= {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     return out
 
 
@@ -141,6 +141,13 @@ def test_starling_transformer_prefix_and_v_head(llama, tmp_path):
     assert set(out) - {"score.weight"} == set(llama.backbone()) and report["head"]["kind"] == "starling"
     assert equal(rewards(tmp_path / "rm"), llama.rewards(lambda h: F.linear(h, w)))
     assert [f for f in rmconvert.validate(tmp_path / "rm") if f.severity == "error"] == []
+    # every backbone tensor compared with the source's under its transformer.* name
+    assert [f for f in rmconvert.validate(tmp_path / "rm", against=src) if f.severity == "error"] == []
+    weights = tensors(tmp_path / "rm")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1
+    save_file(weights, tmp_path / "rm" / "model.safetensors", metadata={"format": "pt"})
+    found = rmconvert.validate(tmp_path / "rm", against=src)
+    assert [(f.code, f.where) for f in found if f.severity == "error"] == [("RM120", "transformer.norm.weight")]
 
 
 def test_ultrarm_regression_head(llama, tmp_path):
@@ -470,6 +477,18 @@ def test_internlm2_reward_token(llama, tmp_path):
             tmp_path / f"bad{token}", {**llama.backbone(), "v_head.weight": w}, reward_token_id=token, pad_token_id=3
         )
         assert said in codes(bad)["RM153"][0].message
+
+
+def test_probes_end_with_the_reward_token(llama, tmp_path):
+    from rmconvert.doctor.probes import _probe_ids
+    from rmconvert.doctor.validation import _read
+    from rmconvert.families.host import load_registry
+
+    src = llama.source(tmp_path / "src", {**llama.backbone(), "v_head.weight": torch.randn(1, 64)}, reward_token_id=2)
+    ids, _ = _probe_ids(_read(src, load_registry()), 296)
+    assert ids and all(row[-1] == 2 and 2 not in row[:-1] for row in ids)
+    ids, _ = _probe_ids(_read(llama.path, load_registry()), 296)
+    assert not any(row[-1] == 2 for row in ids)
 
 
 def test_ambiguous_heads(llama, tmp_path):

@@ -12,6 +12,7 @@ from ..engine.pad import eos_ids
 from ..engine.rules import SOURCES
 from ..families.layout import HeadError
 from ..families.modeling import is_kept
+from ..families.schema import config_schema as schema_for
 from ..families.schema import schema_errors
 from ..sources.checkpoint import VALUE_HEAD
 from ..sources.tokenizer_files import TOKENIZER, TOKENIZER_CONFIG
@@ -32,12 +33,13 @@ def config_schema(s: Subject) -> Iterator[Finding]:
     if s.architecture is None:
         return
     messages: dict[str, list[str]] = {}
-    for problem in schema_errors(s.config, s.architecture.schema):
+    schema = schema_for(s.architecture, s.config)
+    for problem in schema_errors(s.config, schema):
         pointer, message = problem.split(": ", 1)
         if message not in messages.setdefault(pointer, []):
             messages[pointer].append(message)
     for pointer, said in messages.items():
-        yield s.finding("RM002", CONFIG, pointer, f"{'; '.join(said)} (schema {s.architecture.schema.name})")
+        yield s.finding("RM002", CONFIG, pointer, f"{'; '.join(said)} (schema {schema.name})")
 
 
 def _count(n: int, noun: str) -> str:

@@ -43,6 +43,16 @@ def _load(subject: Subject, path: Path, causal: bool = False):
 
 
 def _probe_ids(s: Subject, vocab_size: int) -> tuple[list[list[int]], int | None]:
+    """The probes of :func:`_text_probe_ids`, each ending with ``reward_token_id`` for a token-triggered reward
+    model (InternLM2 reads its reward there, and asserts the token ends the input)."""
+    ids, pad = _text_probe_ids(s, vocab_size)
+    trigger = s.config.get("reward_token_id")
+    if type(trigger) is int and 0 <= trigger < vocab_size:
+        ids = [row if row[-1] == trigger else [*row, trigger] for row in ids]
+    return ids, pad
+
+
+def _text_probe_ids(s: Subject, vocab_size: int) -> tuple[list[list[int]], int | None]:
     """Token ids of the probe texts and the pad id, from the reward model's tokenizer (as a user's batches are
     padded); ids drawn from the vocabulary and no pad when the tokenizer cannot load or encode them (a
     word-level tokenizer without an unknown token, ...)."""
@@ -230,12 +240,14 @@ def against_source(
         return [Finding("RM001", "error", str(exc.path), "", f"source: {exc.message}", CODES["RM001"].hint)]
     embedding = s.layout.embedding if s.layout else None
     findings = []
-    # what the conversion left out of the backbone (the LM head, the head it replaced), as the engine decides it
-    dropped = (s.architecture or Architecture()).layout(src).dropped
+    # what the conversion left out of the backbone (the LM head, the head it replaced), as the engine decides it,
+    # and what it wrote under the family's names (a transformer.* backbone)
+    src_layout = (s.architecture or Architecture()).layout(src)
+    dropped, renamed = src_layout.dropped, src_layout.renamed
     for name, theirs in sorted(src.tensors.items()):
         if name in dropped:
             continue
-        ours = s.ckpt.tensors.get(name)
+        ours = s.ckpt.tensors.get(renamed.get(name, name))
         if ours is not None and name in merged:
             findings += _merged_findings(s, ours, merged[name])
         elif ours is None:
@@ -252,7 +264,7 @@ def against_source(
             findings.append(s.finding("RM121", str(adapter), name, "in the adapter, not in the reward model"))
         else:
             findings += _head_findings(s, ours, merged[name])
-    if load and not findings and not merged:
+    if load and not findings and not merged and not renamed:  # a renamed backbone loads only as the reward model
         findings += _compare_outputs(s, src)
     return findings
 
