@@ -219,6 +219,12 @@ def from_rows(ckpt: Checkpoint, layout: Layout, options, hidden: int) -> HeadPla
             f"{head.weight} is {info.dtype}{list(info.shape)}; a linear reward head is [rows, {hidden}]", info.path
         )
     rows, q = info.shape[0], head.quantiles
+    id2label = ckpt.config.get("id2label")
+    if head.kind == "score" and isinstance(id2label, dict) and len(id2label) != rows:
+        raise CheckpointError(
+            f"id2label has {len(id2label)} label{'' if len(id2label) == 1 else 's'} but {head.weight} has {rows} rows",
+            ckpt.config_path,
+        )
     if rows % q:
         raise CheckpointError(f"{head.weight} has {rows} rows, not a multiple of num_quantiles {q}", info.path)
     objectives = rows // q
