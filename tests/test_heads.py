@@ -150,6 +150,17 @@ def test_starling_transformer_prefix_and_v_head(llama, tmp_path):
     assert [(f.code, f.where) for f in found if f.severity == "error"] == [("RM120", "transformer.norm.weight")]
 
 
+def test_validate_against_compares_the_head_by_its_rule(helpsteer, tmp_path):
+    src, _ = helpsteer
+    rmconvert.convert(src, tmp_path / "rm", weights=",".join(map(str, NEMOTRON_WEIGHTS)))
+    assert [f for f in rmconvert.validate(tmp_path / "rm", against=src) if f.severity == "error"] == []
+    weights = tensors(tmp_path / "rm")
+    weights["score.weight"] = -weights["score.weight"]
+    save_file(weights, tmp_path / "rm" / "model.safetensors", metadata={"format": "pt"})
+    found = rmconvert.validate(tmp_path / "rm", against=src)
+    assert [(f.code, f.where) for f in found if f.severity == "error"] == [("RM123", "score.weight")]
+
+
 def test_ultrarm_regression_head(llama, tmp_path):
     w = torch.randn(1, llama.hidden_size)
     src = llama.source(

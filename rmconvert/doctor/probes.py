@@ -189,6 +189,41 @@ def _merged(s: Subject, src, adapter: Path | None) -> dict:
     return parts
 
 
+def _head_rule_findings(s: Subject, src, src_layout) -> list[Finding]:
+    """RM123 when the reward model's head is not what the head rule of the source's head kind (docs/heads.md) makes
+    of it, with the options recorded in the reward model's rmconvert.json: compared byte for byte, for the heads
+    engine/rules.py writes (the 1- and 2-row heads of before are compared by rewards under ``--load``)."""
+    from ..engine.merge import tensor_bytes
+    from ..engine.options import HEAD_RULE_OPTIONS, Options
+    from ..engine.rules import plan_head
+    from ..sources.checkpoint import read_json
+    from ..sources.tokenizer_files import TokenizerFiles
+
+    manifest = read_json(s.path / "rmconvert.json", required=False) or {}
+    recorded = manifest.get("options") or {}
+    given = {k: recorded[k] for k in (*HEAD_RULE_OPTIONS, "head") if recorded.get(k) is not None}
+    hidden = src_layout.hidden_size
+    try:
+        options = Options(**given)
+        rule = plan_head(src, src_layout.require(), options, hidden, TokenizerFiles.read(src.path))
+    except Exception:  # noqa: BLE001 (a source convert refuses has no head rule to compare with)
+        return []
+    findings = []
+    for expected in rule.tensors if rule is not None else ():
+        ours = s.ckpt.tensors.get(expected.name)
+        if ours is None:
+            findings.append(s.finding("RM121", s.weights_file, expected.name, "the head, not in the reward model"))
+        elif ours.dtype != expected.dtype:
+            findings.append(s.finding("RM124", ours.path.name, ours.name, f"{expected.dtype} -> {ours.dtype}"))
+        elif ours.shape != expected.shape or read_range(ours.path, ours.offset, ours.nbytes) != tensor_bytes(expected):
+            findings.append(
+                s.finding(
+                    "RM123", ours.path.name, ours.name, f"differs from the source's head by its rule ({rule.how})"
+                )
+            )
+    return findings
+
+
 def _head_findings(s: Subject, ours: TensorInfo, theirs: TensorInfo) -> list[Finding]:
     """RM125 unless the reward model's head is the adapter's (modules_to_save) under the head rules: the same rows,
     ``[zeros; w]`` from one row, row 1 or row 1 - row 0 from two."""
@@ -258,6 +293,8 @@ def against_source(
             findings.append(s.finding("RM120", ours.path.name, name, f"{list(theirs.shape)} -> {list(ours.shape)}"))
         elif not _same_bytes(ours, theirs, theirs.nbytes if name != embedding else min(ours.nbytes, theirs.nbytes)):
             findings.append(s.finding("RM120", ours.path.name, name, "bytes differ"))
+    if not merged:
+        findings += _head_rule_findings(s, src, src_layout)
     for name in sorted(set(merged) - set(src.tensors)):  # what only the adapter holds: its head
         ours = s.ckpt.tensors.get(name)
         if ours is None:
