@@ -210,6 +210,17 @@ def test_nemo_rm_head_bias_dropped(llama, tmp_path):
     assert equal(rewards(tmp_path / "rm"), llama.rewards(lambda h: F.linear(h, w)))
 
 
+def test_score_bias_dropped_and_said(llama, tmp_path):
+    """A token classifier's score.bias (a 1-row head of before): the row kept, the bias dropped with a warning."""
+    w = torch.randn(1, llama.hidden_size)
+    src = llama.source(
+        tmp_path / "tokcls", {**llama.backbone(), "score.weight": w, "score.bias": torch.tensor([-0.5])}, pad_token_id=3
+    )
+    report = rmconvert.convert(src, tmp_path / "rm")
+    assert any("score.bias [-0.5] dropped" in x for x in report["warnings"])
+    assert set(tensors(tmp_path / "rm")) == {*llama.backbone(), "score.weight"}
+
+
 def test_linear_grm_value_head(llama, tmp_path):
     w, b = torch.randn(1, llama.hidden_size), torch.tensor([0.5])
     src = llama.source(
@@ -509,6 +520,10 @@ def test_ambiguous_heads(llama, tmp_path):
     )
     assert "several reward heads" in codes(src)["RM151"][0].message
     refused(run("convert", src, tmp_path / "rm"), 1, "several reward heads")
+    assert not (tmp_path / "rm").exists()
+    odd = llama.source(tmp_path / "odd", {**llama.backbone(), "regression_head.weight": torch.randn(llama.hidden_size)})
+    assert "not a reward head" in codes(odd)["RM151"][0].message
+    refused(run("convert", odd, tmp_path / "rm"), 1, "regression_head.weight is [64]: not a reward head")
     assert not (tmp_path / "rm").exists()
 
 

@@ -20,7 +20,7 @@ from .head import default_init_std, mean_row_part, merged_mean_row_parts, read_s
 from .merge import plan_merge
 from .options import HEADS, Options
 from .pad import PadChoice, choose_pad
-from .rules import SOURCES, plan_head
+from .rules import SOURCES, bias_warnings, plan_head
 from .shards import _plan_shards
 
 MANIFEST = "rmconvert.json"
@@ -274,6 +274,8 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         "whole_file_copies": sorted(name for name, shard in shards.items() if isinstance(shard, Header)),
         "warnings": list(pad.warnings),
     }
+    if rule is None and head is not None and head.bias and not value_head:  # a score.bias (a token classifier's)
+        report["warnings"] += bias_warnings(ckpt, head)
     if rule is not None:
         report["source_kind"] = SOURCES[head.kind] if head is not None else "causal LM"
         report["head"] = {

@@ -90,6 +90,19 @@ def _bias_values(ckpt: Checkpoint, head: Head) -> list[float] | None:
     return [float(v) for v in decode(raw, info.dtype)]
 
 
+def bias_warnings(ckpt: Checkpoint, head: Head) -> list[str]:
+    """The warning that a non-zero bias of ``head`` is dropped (transformers' score has none)."""
+    bias = _bias_values(ckpt, head)
+    if not bias or not any(bias):
+        return []
+    shown = ", ".join(f"{b:.6g}" for b in bias[:4]) + (", ..." if len(bias) > 4 else "")
+    message = (
+        f"{head.bias} [{shown}] dropped (transformers' score has no bias): rewards are shifted by a constant;"
+        " preferences and rankings are unchanged"
+    )
+    return [message]
+
+
 def resolve_tokens(tokens: tuple[str, ...], tok: TokenizerFiles) -> list[int]:
     """Each TOKEN's id, exactly: a vocabulary entry as written (case-sensitive), else text the tokenizer encodes as
     one token; digits are an id. A TOKEN that is several tokens or none is refused."""
@@ -275,14 +288,10 @@ def from_rows(ckpt: Checkpoint, layout: Layout, options, hidden: int) -> HeadPla
         )
     if head.negate:
         warnings.append(f"{head.weight} is a cost model's head (score_type cost): negated so that higher is better")
-    bias = _bias_values(ckpt, head)
-    if bias and any(bias):
-        shown = ", ".join(f"{b:.6g}" for b in bias[:4]) + (", ..." if len(bias) > 4 else "")
-        warnings.append(
-            f"{head.bias} [{shown}] dropped (transformers' score has no bias): rewards are shifted by a constant;"
-            " preferences and rankings are unchanged"
-        )
-        report["bias"] = bias
+    dropped = bias_warnings(ckpt, head)
+    if dropped:
+        warnings += dropped
+        report["bias"] = _bias_values(ckpt, head)
     labels = _names(options, len(parts), labels)
     parts, labels, bt = _bt(options, layout.score, dtype, parts, hidden, labels)
     tensor = OutTensor(layout.score, dtype, (len(parts), hidden), tuple(parts))
