@@ -11,6 +11,7 @@ from ..dtypes import FLOAT_DTYPES
 from ..errors import CheckpointError, PluginError, UsageError
 from ..families.host import Registered
 from ..families.layout import Head, Layout
+from ..families.modeling import kept_class_name, kept_config
 from ..io.hashing import sha256
 from ..io.safetensors import Header, OutTensor, Repeat, TensorInfo
 from ..sources.checkpoint import BIN_INDEX, INDEX, Checkpoint, read_json, text_config
@@ -19,6 +20,7 @@ from .head import default_init_std, mean_row_part, merged_mean_row_parts, read_s
 from .merge import plan_merge
 from .options import HEADS, Options
 from .pad import PadChoice, choose_pad
+from .rules import SOURCES, bias_warnings, plan_head
 from .shards import _plan_shards
 
 MANIFEST = "rmconvert.json"
@@ -71,8 +73,14 @@ def _check_shapes(ckpt: Checkpoint, layout: Layout) -> tuple[int, int]:
         )
     if emb.dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{embedding} has dtype {emb.dtype}; expected one of {', '.join(FLOAT_DTYPES)}", emb.path)
+    return vocab, hidden
+
+
+def _check_head(ckpt: Checkpoint, layout: Layout, hidden: int) -> None:
+    """A 1- or 2-row head taken by the rules of engine/head.py is [1 or 2, H] and id2label agrees (a value head
+    is checked by _value_head_bias)."""
     head = layout.head.weight if layout.head else None
-    score = ckpt.tensors[head] if head and layout.head.kind != "value" else None  # see _value_head_bias
+    score = ckpt.tensors[head] if head and layout.head.kind != "value" else None
     if score is not None:
         if len(score.shape) != 2 or score.shape[0] not in (1, 2) or score.shape[1] != hidden:
             raise CheckpointError(f"{head} is {list(score.shape)}; a reward head is [1 or 2, {hidden}]", score.path)
@@ -85,7 +93,6 @@ def _check_shapes(ckpt: Checkpoint, layout: Layout) -> tuple[int, int]:
                 f" {score.shape[0]} row{'' if score.shape[0] == 1 else 's'}",
                 ckpt.config_path,
             )
-    return vocab, hidden
 
 
 def _grown(table: TensorInfo, merged: OutTensor | None, rows: int) -> OutTensor:
@@ -115,13 +122,15 @@ def _keep_position_pad(ckpt: Checkpoint, pad: PadChoice, options: Options) -> No
     )
 
 
-def _output_config(ckpt: Checkpoint, registered: Registered, labels: int, vocab: int, pad: PadChoice, dtype) -> dict:
+def _output_config(
+    ckpt: Checkpoint, registered: Registered, labels: tuple[str, ...], vocab: int, pad: PadChoice, dtype, cls: str
+) -> dict:
     """config.json of the reward model: class, labels, regression, vocab, pad, no dropout; the rest preserved."""
     config = copy.deepcopy(ckpt.config)
     arch = registered.architecture
-    config["architectures"] = [arch.class_name(ckpt.model_type)]
-    config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
-    config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
+    config["architectures"] = [cls]
+    config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+    config["label2id"] = {name: i for i, name in enumerate(labels)}
     config["problem_type"] = "regression"  # servers and pipelines then return raw rewards, not sigmoid/softmax
     config.pop("num_labels", None)
     config.pop("value_head_prefix", None)
@@ -192,14 +201,19 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         ckpt = merge.checkpoint
         layout = arch.layout(ckpt).require()  # the merged checkpoint: an adapter may bring the head
     head = layout.head
-    value_head = head is not None and head.kind == "value"
     vocab, hidden = _check_shapes(ckpt, layout)
-    bias = _value_head_bias(ckpt, head, hidden) if value_head else None
-    existing = ckpt.tensors[head.weight] if head else None
     tok = TokenizerFiles.read(ckpt.path)
+    rule = plan_head(ckpt, layout, options, hidden, tok)  # None: the rules of engine/head.py
+    if rule is None:
+        _check_head(ckpt, layout, hidden)
+    value_head = rule is None and head is not None and head.kind == "value"
+    bias = _value_head_bias(ckpt, head, hidden) if value_head else None
+    existing = ckpt.tensors[head.weight] if head and rule is None else None
     generation_config = read_json(ckpt.path / GENERATION_CONFIG, required=False)
     # a value head was read at the last attended token: like a causal LM, it gets a pad distinct from eos
     trained_pad = existing is not None and not value_head
+    if rule is not None:
+        trained_pad = head is not None and head.kind != "value"
     pad = choose_pad(options.pad_token, tok, ckpt.config, generation_config, arch.pad_tokens, trained_pad)
     if ckpt.model_type in arch.pad_in_positions:
         _keep_position_pad(ckpt, pad, options)
@@ -210,7 +224,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
             ckpt.path / "tokenizer.json",
         )
     new_vocab = math.ceil(max(vocab, tokens) / 8) * 8
-    labels = HEADS[options.head]
+    labels = HEADS[options.head] if rule is None else len(rule.labels)
     dropped = set(layout.dropped)
     if layout.embedding in dropped:
         raise PluginError(f"architecture {arch.name!r} drops the input embedding {layout.embedding}")
@@ -220,15 +234,22 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         for name in layout.vocab_tables:
             replaced[name] = _grown(ckpt.tensors[name], replaced.get(name), new_vocab)
     emb = ckpt.tensors[layout.embedding]
-    std = options.init_std if options.init_std is not None else default_init_std(hidden)
-    score_dtype = existing.dtype if existing else emb.dtype
-    parts, head_how = score_parts(existing, labels, hidden, score_dtype, std, options.seed, options.from_bt)
-    if value_head:
-        head_how = f"value head {head.weight}" + (" as [zeros; w]" if labels == 2 else "") + f" ({existing.dtype})"
-    score = OutTensor(layout.score, score_dtype, (labels, hidden), tuple(parts))
-    shards, index = _plan_shards(ckpt, dropped, replaced, score, options)
+    if rule is None:
+        std = options.init_std if options.init_std is not None else default_init_std(hidden)
+        score_dtype = existing.dtype if existing else emb.dtype
+        parts, head_how = score_parts(existing, labels, hidden, score_dtype, std, options.seed, options.from_bt)
+        if value_head:
+            head_how = f"value head {head.weight}" + (" as [zeros; w]" if labels == 2 else "") + f" ({existing.dtype})"
+        heads = [OutTensor(layout.score, score_dtype, (labels, hidden), tuple(parts))]
+        names = tuple(f"LABEL_{i}" for i in range(labels))
+    else:
+        heads, names, head_how = rule.tensors, rule.labels, rule.how
+    shards, index = _plan_shards(ckpt, dropped, replaced, heads, options, layout.renamed)
 
-    config = _output_config(ckpt, registered, labels, new_vocab, pad, options.dtype)
+    cls = kept_class_name(ckpt.model_type) if rule is not None and rule.kept else arch.class_name(ckpt.model_type)
+    config = _output_config(ckpt, registered, names, new_vocab, pad, options.dtype, cls)
+    if rule is not None and rule.kept:
+        kept_config(config, heads)
     right_padding_only = ckpt.model_type in arch.right_padding_only
     json_files, generated = _plan_json(ckpt, right_padding_only, config, tok, generation_config, pad, options)
     skip = set(json_files) | set(generated) | {INDEX, BIN_INDEX, MANIFEST}
@@ -253,6 +274,19 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         "whole_file_copies": sorted(name for name, shard in shards.items() if isinstance(shard, Header)),
         "warnings": list(pad.warnings),
     }
+    if rule is None and head is not None and head.bias and not value_head:  # a score.bias (a token classifier's)
+        report["warnings"] += bias_warnings(ckpt, head)
+    if rule is not None:
+        report["source_kind"] = SOURCES[head.kind] if head is not None else "causal LM"
+        report["head"] = {
+            **report["head"],
+            "from": head.rows(ckpt) if head else None,
+            "names": list(names),
+            **rule.report,
+        }
+        report["warnings"] += rule.warnings
+        if layout.renamed:
+            report["renamed"] = f"{len(layout.renamed)} backbone tensors under the family's names"
     if right_padding_only:
         report["warnings"].append(
             f"{ckpt.model_type}'s recurrence runs over pad tokens: score right-padded batches only"

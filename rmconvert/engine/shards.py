@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ..dtypes import TORCH_NAMES
 from ..io.safetensors import Header, OutTensor
@@ -28,9 +29,16 @@ def _shard_names(count: int, sharded: bool) -> list[str]:
 
 
 def _plan_shards(
-    ckpt: Checkpoint, dropped: set[str], replaced: dict[str, OutTensor], score: OutTensor, options: Options
+    ckpt: Checkpoint,
+    dropped: set[str],
+    replaced: dict[str, OutTensor],
+    heads: list[OutTensor],
+    options: Options,
+    renamed: dict[str, str] | None = None,
 ) -> tuple[dict[str, Header | list[OutTensor]], dict | None]:
-    """The output shards (a source shard to copy whole, or the tensors to assemble) and the index."""
+    """The output shards (a source shard to copy whole, or the tensors to assemble) and the index; ``heads`` (the
+    score, or an MLP head's tensors) join one shard, ``renamed`` tensors are written under their new names."""
+    renamed = renamed or {}
     target = TORCH_NAMES[options.dtype] if options.dtype else None
     grouped: list[list[OutTensor]] = []
     changed: list[bool] = []
@@ -39,18 +47,21 @@ def _plan_shards(
         for info in sorted(shard.tensors.values(), key=lambda t: t.offset):
             if info.name not in dropped:
                 tensor = replaced.get(info.name) or OutTensor.copy_of(info)
+                if info.name in renamed:
+                    tensor = replace(tensor, name=renamed[info.name])
                 kept.append(tensor.as_dtype(target) if target else tensor)
         grouped.append(kept)
         changed.append(
             len(kept) != len(shard.tensors)
-            or any(t.parts != OutTensor.copy_of(shard.tensors[t.name]).parts for t in kept)
+            or any(n in renamed for n in shard.tensors)
+            or any(t.parts != OutTensor.copy_of(shard.tensors[t.name]).parts for t in kept if t.name in shard.tensors)
             or (shard.path.suffix == ".safetensors" and (shard.metadata or {}).get("format") != "pt")
         )
     # The head joins a shard that is rewritten anyway (where the old head or lm_head was), else the last one.
     home = next((i for i, c in enumerate(changed) if c and grouped[i]), len(grouped) - 1)
     while not grouped[home] and home > 0:
         home -= 1
-    grouped[home].append(score.as_dtype(target) if target else score)
+    grouped[home] += [head.as_dtype(target) if target else head for head in heads]
     changed[home] = True
 
     if options.max_shard_size:

@@ -20,5 +20,11 @@ def load_reward_model(path: str | Path, **kwargs):
     sequence-classification class the checkpoint's architecture plugin provides (OLMoE, OLMo 2 on 4.x, ...)."""
     from transformers import AutoModelForSequenceClassification
 
+    from .modeling import build_kept_class, is_kept
+
+    config = read_config(Path(path))
+    if is_kept(config):  # a kept MLP head (Qwen2ForRewardModel, ...): rmconvert's class, whatever the family's
+        kwargs.pop("registry", None)
+        return build_kept_class(config["model_type"]).from_pretrained(path, **kwargs)
     register_classes(path, kwargs.pop("registry", None))
     return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)

@@ -170,7 +170,8 @@ def portable_module(model_type: str, class_name: str) -> str | None:
 
     from . import reward_head
 
-    if reward_class_name(model_type):
+    kept = class_name == kept_class_name(model_type) if class_name.endswith("ForRewardModel") else False
+    if reward_class_name(model_type) and not kept:
         return None
     _, pretrained = _backbone_classes(model_type)
     config = CONFIG_MAPPING[model_type]
@@ -186,7 +187,51 @@ from {pretrained.__module__} import {pretrained.__name__}  # noqa: E402
 from {config.__module__} import {config.__name__}  # noqa: E402
 
 
-class {class_name}(ScoreForSequenceClassification, {pretrained.__name__}):
+class {class_name}({"MLPScoreForSequenceClassification" if kept else "ScoreForSequenceClassification"}, {pretrained.__name__}):
     base_model_prefix = "{backbone_prefix(model_type)}"
     config_class = {config.__name__}
 '''
+
+
+def kept_class_name(model_type: str) -> str:
+    """The class name of a reward model whose MLP head is kept: ``Qwen2ForRewardModel`` for Qwen2 (vLLM and sglang
+    serve it natively), else ``<Family>ForRewardModel``."""
+    if model_type == "qwen2":
+        return "Qwen2ForRewardModel"
+    backbone = _backbone_name(model_type)
+    if not backbone or not backbone.endswith("Model"):
+        raise CheckpointError(f"transformers has no backbone class for model_type {model_type!r}")
+    return backbone[: -len("Model")] + "ForRewardModel"
+
+
+def kept_config(config: dict, heads) -> None:
+    """config.json fields of a kept MLP head: its inner width (``score_inner_size``) and 1 label for vLLM."""
+    config["score_inner_size"] = heads[0].shape[0]
+
+
+def is_kept(config: dict) -> bool:
+    """Whether a config describes a reward model with a kept MLP head (written by rmconvert)."""
+    return type(config.get("score_inner_size")) is int
+
+
+_KEPT: dict[str, type] = {}
+
+
+def build_kept_class(model_type: str) -> type:
+    """A :class:`MLPScoreForSequenceClassification` over the family's backbone (never registered with the Auto
+    classes: a family's own sequence classifier stays what AutoModelForSequenceClassification loads)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .reward_head import MLPScoreForSequenceClassification
+
+    if model_type not in _KEPT:
+        _, pretrained = _backbone_classes(model_type)
+        namespace = {
+            "__module__": pretrained.__module__,
+            "base_model_prefix": backbone_prefix(model_type),
+            "config_class": CONFIG_MAPPING[model_type],
+        }
+        _KEPT[model_type] = type(
+            kept_class_name(model_type), (MLPScoreForSequenceClassification, pretrained), namespace
+        )
+    return _KEPT[model_type]
