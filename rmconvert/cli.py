@@ -133,6 +133,31 @@ def cli():
     help="2-label source to scalar: row1 (HALOs trains only row 1) or row 1 - row 0 (softmax classifiers).",
 )
 @click.option(
+    "--label-names",
+    metavar="NAME,...",
+    help="Names of the head's rows, written as id2label (default: the names the source config carries, else"
+    " LABEL_i). As many as the output head has rows.",
+)
+@click.option(
+    "--objective",
+    metavar="NAME|k",
+    help="A multi-objective head (N rows, ArmoRM/QRM, HelpSteer-style): write only objective k (0-based) or NAME"
+    " as a 1-label reward model (QRM: the mean of its quantile rows).",
+)
+@click.option(
+    "--weights",
+    metavar="c1,...,cN",
+    help="Collapse an N-row linear head into one row sum(c_i * row_i), in float64 rounded once (e.g. Nemotron-4"
+    " 340B's 0,0,0,0,.3,.74,.46,.47,-.33). Refused on gated heads (ArmoRM, QRM), whose weights depend on the prompt.",
+)
+@click.option(
+    "--head-from-tokens",
+    metavar="TOKEN[,TOKEN...]",
+    help="Make score from a causal LM's LM-head rows (the embedding's when tied): two tokens no,yes give"
+    " row[yes] - row[no] (a yes/no GenRM: sigmoid of the reward = P(yes)), one or more than two the rows"
+    " themselves. A TOKEN is a vocabulary entry exactly (case-sensitive), text that is one token, or an id.",
+)
+@click.option(
     "--dtype",
     type=click.Choice(["float32", "float16", "bfloat16"]),
     help="Cast float tensors (streamed in bounded chunks). Default: keep the source's dtypes.",

@@ -368,6 +368,9 @@ def test_a_trl_prm_becomes_a_reward_model_read_at_the_last_token(build, tmp_path
     compares the reward with the PRM's per-token logit at the last token, minus the bias (as for a value head)."""
     src = trl_prm(build, tmp_path)
     report = convert(src, tmp_path / "rm")
-    assert [w for w in report["warnings"] if "score.bias dropped" in w]
+    # one warning for the dropped bias (heads' and prm's joined), with its values
+    assert [w for w in report["warnings"] if "bias" in w and "dropped" in w] == [
+        w for w in report["warnings"] if w.startswith("score.bias [0.25, -0.5] dropped")
+    ] != []
     assert torch.equal(weights(tmp_path / "rm")["score.weight"], weights(src)["score.weight"][1:])
     assert no_errors(tmp_path / "rm", src) == []

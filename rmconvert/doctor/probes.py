@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..engine.lora_merge import TORCH_DTYPES, read_range, read_tensor
+from ..engine.merge import HEAD
 from ..engine.pad import token_ids
 from ..errors import CheckpointError, summary
 from ..families.architecture import Architecture
@@ -42,6 +43,16 @@ def _load(subject: Subject, path: Path, causal: bool = False):
 
 
 def _probe_ids(s: Subject, vocab_size: int) -> tuple[list[list[int]], int | None]:
+    """The probes of :func:`_text_probe_ids`, each ending with ``reward_token_id`` for a token-triggered reward
+    model (InternLM2 reads its reward there, and asserts the token ends the input)."""
+    ids, pad = _text_probe_ids(s, vocab_size)
+    trigger = s.config.get("reward_token_id")
+    if type(trigger) is int and 0 <= trigger < vocab_size:
+        ids = [row if row[-1] == trigger else [*row, trigger] for row in ids]
+    return ids, pad
+
+
+def _text_probe_ids(s: Subject, vocab_size: int) -> tuple[list[list[int]], int | None]:
     """Token ids of the probe texts and the pad id, from the reward model's tokenizer (as a user's batches are
     padded); ids drawn from the vocabulary and no pad when the tokenizer cannot load or encode them (a
     word-level tokenizer without an unknown token, ...)."""
@@ -188,7 +199,71 @@ def _merged(s: Subject, src, adapter: Path | None) -> dict:
     from ..engine.merge import plan_merge
     from ..sources.adapter import read_adapter
 
-    return plan_merge(read_adapter(adapter), src, (s.architecture or Architecture()).layout(src)).parts
+    merge = plan_merge(read_adapter(adapter), src, (s.architecture or Architecture()).layout(src))
+    parts = dict(merge.parts)
+    if merge.head == "adapter":  # the head the adapter saved whole (modules_to_save), compared by the head rules
+        parts[HEAD] = merge.checkpoint.tensors[HEAD]
+    return parts
+
+
+def _head_rule_findings(s: Subject, src, src_layout) -> list[Finding]:
+    """RM123 when the reward model's head is not what the head rule of the source's head kind (docs/heads.md) makes
+    of it, with the options recorded in the reward model's rmconvert.json: compared byte for byte, for the heads
+    engine/rules.py writes (the 1- and 2-row heads of before are compared by rewards under ``--load``)."""
+    from ..engine.merge import tensor_bytes
+    from ..engine.options import HEAD_RULE_OPTIONS, Options
+    from ..engine.rules import plan_head
+    from ..sources.checkpoint import read_json
+    from ..sources.tokenizer_files import TokenizerFiles
+
+    manifest = read_json(s.path / "rmconvert.json", required=False) or {}
+    recorded = manifest.get("options") or {}
+    given = {k: recorded[k] for k in (*HEAD_RULE_OPTIONS, "head") if recorded.get(k) is not None}
+    hidden = src_layout.hidden_size
+    try:
+        options = Options(**given)
+        rule = plan_head(src, src_layout.require(), options, hidden, TokenizerFiles.read(src.path))
+    except Exception:  # noqa: BLE001 (a source convert refuses has no head rule to compare with)
+        return []
+    findings = []
+    for expected in rule.tensors if rule is not None else ():
+        ours = s.ckpt.tensors.get(expected.name)
+        if ours is None:
+            findings.append(s.finding("RM121", s.weights_file, expected.name, "the head, not in the reward model"))
+        elif ours.dtype != expected.dtype:
+            findings.append(s.finding("RM124", ours.path.name, ours.name, f"{expected.dtype} -> {ours.dtype}"))
+        elif ours.shape != expected.shape or read_range(ours.path, ours.offset, ours.nbytes) != tensor_bytes(expected):
+            findings.append(
+                s.finding(
+                    "RM123", ours.path.name, ours.name, f"differs from the source's head by its rule ({rule.how})"
+                )
+            )
+    return findings
+
+
+def _head_findings(s: Subject, ours: TensorInfo, theirs: TensorInfo) -> list[Finding]:
+    """RM125 unless the reward model's head is the adapter's (modules_to_save) under the head rules: the same rows,
+    ``[zeros; w]`` from one row, row 1 or row 1 - row 0 from two."""
+    from ..dtypes import decode, encode
+
+    if ours.dtype != theirs.dtype:
+        return [s.finding("RM124", ours.path.name, ours.name, f"{theirs.dtype} -> {ours.dtype}")]
+    row = lambda t, i: bytes(read_range(t.path, t.offset + i * t.row_bytes, t.row_bytes))
+    if len(ours.shape) == 2 and ours.shape[1:] == theirs.shape[1:] and len(theirs.shape) == 2:
+        mine = [row(ours, i) for i in range(ours.shape[0])]
+        given = [row(theirs, i) for i in range(theirs.shape[0])]
+        if mine == given:
+            return []
+        if len(given) == 1 and len(mine) == 2 and mine[1] == given[0] and not any(mine[0]):
+            return []
+        if len(given) == 2 and len(mine) == 1:
+            difference = encode(
+                decode(given[1], theirs.dtype).astype("f8") - decode(given[0], theirs.dtype), ours.dtype
+            )
+            if mine[0] in (given[1], difference):
+                return []
+    what = f"{list(theirs.shape)} in the adapter, {list(ours.shape)} here"
+    return [s.finding("RM125", ours.path.name, ours.name, f"differs from the adapter's head (modules_to_save): {what}")]
 
 
 def _merged_findings(s: Subject, ours: TensorInfo, expected) -> list[Finding]:
@@ -217,12 +292,14 @@ def against_source(
         return [Finding("RM001", "error", str(exc.path), "", f"source: {exc.message}", CODES["RM001"].hint)]
     embedding = s.layout.embedding if s.layout else None
     findings = []
-    # what the conversion left out of the backbone (the LM head, the head it replaced), as the engine decides it
-    dropped = (s.architecture or Architecture()).layout(src).dropped
+    # what the conversion left out of the backbone (the LM head, the head it replaced), as the engine decides it,
+    # and what it wrote under the family's names (a transformer.* backbone)
+    src_layout = (s.architecture or Architecture()).layout(src)
+    dropped, renamed = src_layout.dropped, src_layout.renamed
     for name, theirs in sorted(src.tensors.items()):
         if name in dropped:
             continue
-        ours = s.ckpt.tensors.get(name)
+        ours = s.ckpt.tensors.get(renamed.get(name, name))
         if ours is not None and name in merged:
             findings += _merged_findings(s, ours, merged[name])
         elif ours is None:
@@ -233,7 +310,15 @@ def against_source(
             findings.append(s.finding("RM120", ours.path.name, name, f"{list(theirs.shape)} -> {list(ours.shape)}"))
         elif not _same_bytes(ours, theirs, theirs.nbytes if name != embedding else min(ours.nbytes, theirs.nbytes)):
             findings.append(s.finding("RM120", ours.path.name, name, "bytes differ"))
-    if load and not findings and not merged:
+    if not merged:
+        findings += _head_rule_findings(s, src, src_layout)
+    for name in sorted(set(merged) - set(src.tensors)):  # what only the adapter holds: its head
+        ours = s.ckpt.tensors.get(name)
+        if ours is None:
+            findings.append(s.finding("RM121", str(adapter), name, "in the adapter, not in the reward model"))
+        else:
+            findings += _head_findings(s, ours, merged[name])
+    if load and not findings and not merged and not renamed:  # a renamed backbone loads only as the reward model
         findings += _compare_per_token(s, src) if s.per_token else _compare_outputs(s, src)
     return findings
 

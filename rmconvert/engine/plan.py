@@ -11,7 +11,8 @@ from ..dtypes import FLOAT_DTYPES
 from ..errors import CheckpointError, PluginError, UsageError
 from ..families.host import Registered
 from ..families.layout import Head, Layout
-from ..families.target import PROCESS_REWARD_CLASSES, Target, class_of_config
+from ..families.modeling import kept_class_name, kept_config
+from ..families.target import Target, class_of_config
 from ..io.hashing import sha256
 from ..io.safetensors import Header, OutTensor, Repeat, TensorInfo
 from ..sources.checkpoint import BIN_INDEX, INDEX, Checkpoint, read_json, text_config
@@ -20,6 +21,7 @@ from .head import bias_parts, default_init_std, mean_row_part, merged_mean_row_p
 from .merge import plan_merge
 from .options import Options
 from .pad import PadChoice, choose_pad, eos_ids
+from .rules import SOURCES, bias_warnings, plan_head
 from .shards import _plan_shards
 
 MANIFEST = "rmconvert.json"
@@ -59,25 +61,6 @@ def _value_head_bias(ckpt: Checkpoint, head: Head, hidden: int) -> float:
     return read_scalar(bias)
 
 
-def _refuse_mlp(ckpt: Checkpoint, head: Head, target: Target) -> None:
-    """An MLP head (Qwen2.5-Math-RM/PRM's score.0/score.2, GRM's v_head.summary.0/.2) is no linear score."""
-    layers = sorted({n.rsplit(".", 1)[0] for n in head.tensors})
-    raise CheckpointError(
-        f"{'/'.join(layers)} is an MLP head (linear layers with a nonlinearity between them): no linear score"
-        f" [labels, H] computes it, so it cannot become a {target.what} (--head {target.name});"
-        " validate it as it is, or serve it with the code it was released with",
-        ckpt.tensors[head.weight].path,
-    )
-
-
-def _keeps_mlp(ckpt: Checkpoint, head: Head, target: Target) -> bool:
-    """Whether the MLP head stays as it is: a ``--head prm`` of a PRM whose class holds it (Qwen2.5-Math-PRM's
-    ``Qwen2ForProcessRewardModel``, served by vLLM), with 2 labels."""
-    name = class_of_config(ckpt.config)
-    last = ckpt.tensors[head.weight]
-    return target.name == "prm" and name in PROCESS_REWARD_CLASSES and last.shape[0] == target.labels
-
-
 def _check_bias(ckpt: Checkpoint, head: Head, rows: int) -> None:
     """A token classifier's bias: [rows], a float."""
     bias = ckpt.tensors[head.bias]
@@ -102,7 +85,12 @@ def _step_tag(ckpt: Checkpoint, text: str, pad: PadChoice, eos: set[int]) -> int
 
 
 def target_heads(
-    target: Target, weights: tuple[OutTensor, ...], score_name: str, source_bias: TensorInfo | None, options: Options
+    target: Target,
+    weights: tuple[OutTensor, ...],
+    score_name: str,
+    source_bias: TensorInfo | None,
+    options: Options,
+    made: tuple[tuple, str, str] | None = None,
 ) -> tuple[tuple[OutTensor, ...], str | None]:
     """The head tensors ``target`` writes from the weight a head rule made (``score.weight [labels, H]``, whatever
     rule made it: new, copied rows, a difference, a value head, LM-head rows), and how its bias was made (None
@@ -113,7 +101,10 @@ def target_heads(
     (weight,) = weights
     weight = replace(weight, name=score_name)
     labels = weight.shape[0]
-    bias_bytes, bias_dtype, how = bias_parts(source_bias, labels, weight.dtype, options.from_bt)
+    if made is not None:  # the bias a head rule made of the source's, by the weight's rule (rules.HeadPlan.bias)
+        bias_bytes, bias_dtype, how = made
+    else:
+        bias_bytes, bias_dtype, how = bias_parts(source_bias, labels, weight.dtype, options.from_bt)
     bias = OutTensor(score_name[: -len("weight")] + "bias", bias_dtype, (labels,), bias_bytes)
     return (weight, bias), how
 
@@ -131,8 +122,14 @@ def _check_shapes(ckpt: Checkpoint, layout: Layout) -> tuple[int, int]:
         )
     if emb.dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"{embedding} has dtype {emb.dtype}; expected one of {', '.join(FLOAT_DTYPES)}", emb.path)
+    return vocab, hidden
+
+
+def _check_head(ckpt: Checkpoint, layout: Layout, hidden: int) -> None:
+    """A 1- or 2-row head taken by the rules of engine/head.py is [1 or 2, H] and id2label agrees (a value head
+    is checked by _value_head_bias)."""
     head = layout.head.weight if layout.head else None
-    score = ckpt.tensors[head] if head and layout.head.kind != "value" else None  # see _value_head_bias
+    score = ckpt.tensors[head] if head and layout.head.kind != "value" else None
     if score is not None:
         if len(score.shape) != 2 or score.shape[0] not in (1, 2) or score.shape[1] != hidden:
             raise CheckpointError(f"{head} is {list(score.shape)}; a reward head is [1 or 2, {hidden}]", score.path)
@@ -147,7 +144,6 @@ def _check_shapes(ckpt: Checkpoint, layout: Layout) -> tuple[int, int]:
                 f" {score.shape[0]} row{'' if score.shape[0] == 1 else 's'}",
                 ckpt.config_path,
             )
-    return vocab, hidden
 
 
 def _grown(table: TensorInfo, merged: OutTensor | None, rows: int) -> OutTensor:
@@ -178,16 +174,23 @@ def _keep_position_pad(ckpt: Checkpoint, pad: PadChoice, options: Options) -> No
 
 
 def _output_config(
-    ckpt: Checkpoint, registered: Registered, target: Target, vocab: int, pad: PadChoice, dtype, step_tag=None
+    ckpt: Checkpoint,
+    registered: Registered,
+    target: Target,
+    labels: tuple[str, ...],
+    vocab: int,
+    pad: PadChoice,
+    dtype,
+    cls: str,
+    step_tag=None,
 ) -> dict:
     """config.json of the reward model (or value model, PRM: ``target``): class, labels, problem type, vocab,
     pad, no dropout, the step tag; the rest preserved."""
     config = copy.deepcopy(ckpt.config)
     arch = registered.architecture
-    labels = target.labels
-    config["architectures"] = [arch.class_name(ckpt.model_type, target.task)]
-    config["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
-    config["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
+    config["architectures"] = [cls]
+    config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+    config["label2id"] = {name: i for i, name in enumerate(labels)}
     # regression: servers and pipelines then return raw rewards, not sigmoid/softmax; a PRM's labels are classes
     config.pop("problem_type", None)
     if target.problem_type:
@@ -265,19 +268,19 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         ckpt = merge.checkpoint
         layout = arch.layout(ckpt).require()  # the merged checkpoint: an adapter may bring the head
     head, target = layout.head, options.target
-    kept_mlp = head is not None and head.kind == "mlp" and _keeps_mlp(ckpt, head, target)
-    if head is not None and head.kind == "mlp" and not kept_mlp:
-        _refuse_mlp(ckpt, head, target)
-    value_head = head is not None and head.kind == "value"
-    vocab, hidden = _check_shapes(ckpt, layout) if not kept_mlp else (layout.vocab_size, layout.hidden_size)
-    if kept_mlp:
-        _check_shapes(ckpt, replace(layout, head=None))
-    bias = _value_head_bias(ckpt, head, hidden) if value_head else None
-    existing = ckpt.tensors[head.weight] if head and not kept_mlp else None
+    vocab, hidden = _check_shapes(ckpt, layout)
     tok = TokenizerFiles.read(ckpt.path)
+    rule = plan_head(ckpt, layout, options, hidden, tok)  # None: the rules of engine/head.py
+    if rule is None:
+        _check_head(ckpt, layout, hidden)
+    value_head = rule is None and head is not None and head.kind == "value"
+    bias = _value_head_bias(ckpt, head, hidden) if value_head else None
+    existing = ckpt.tensors[head.weight] if head and rule is None else None
     generation_config = read_json(ckpt.path / GENERATION_CONFIG, required=False)
     # a value head was read at the last attended token: like a causal LM, it gets a pad distinct from eos
-    trained_pad = (existing is not None or kept_mlp) and not value_head
+    trained_pad = existing is not None and not value_head
+    if rule is not None:
+        trained_pad = head is not None and head.kind != "value"
     # a value model is fed the policy's ids: under auto, its pad is a token the vocabulary has (target.pad_rule)
     pad_mode = target.pad_rule if options.pad_token == "auto" else options.pad_token
     try:
@@ -298,11 +301,11 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
             ckpt.path / "tokenizer.json",
         )
     new_vocab = math.ceil(max(vocab, tokens) / 8) * 8
-    labels = target.labels
+    labels = target.labels if rule is None else len(rule.labels)
     step_tag = None
     if options.step_separator is not None:
         step_tag = _step_tag(ckpt, options.step_separator, pad, eos_ids(ckpt.config, generation_config, tok))
-    dropped = set(layout.dropped) - (set(head.tensors) if kept_mlp else set())
+    dropped = set(layout.dropped)
     if layout.embedding in dropped:
         raise PluginError(f"architecture {arch.name!r} drops the input embedding {layout.embedding}")
 
@@ -311,24 +314,31 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         for name in layout.vocab_tables:
             replaced[name] = _grown(ckpt.tensors[name], replaced.get(name), new_vocab)
     emb = ckpt.tensors[layout.embedding]
-    std = options.init_std if options.init_std is not None else default_init_std(hidden)
-    score_dtype = existing.dtype if existing else emb.dtype
-    parts, head_how = score_parts(existing, labels, hidden, score_dtype, std, options.seed, options.from_bt)
-    if value_head:
-        head_how = f"value head {head.weight}" + (" as [zeros; w]" if labels == 2 else "") + f" ({existing.dtype})"
-    score = OutTensor(layout.score, score_dtype, (labels, hidden), tuple(parts))
-    source_bias = ckpt.tensors[head.bias] if head is not None and head.bias else None
-    heads, bias_how = target_heads(
-        target, (score,), arch.score_name(ckpt.model_type, target.task), source_bias, options
-    )
-    if kept_mlp:  # the MLP head's tensors stay where they are, as backbone tensors do
-        heads, bias_how = (), None
-        head_how = f"MLP head {'/'.join(sorted({n.rsplit('.', 1)[0] for n in head.tensors}))} kept"
-    shards, index = _plan_shards(ckpt, dropped, replaced, heads, options)
+    score_name = arch.score_name(ckpt.model_type, target.task)
+    bias_how = None
+    if rule is None:
+        std = options.init_std if options.init_std is not None else default_init_std(hidden)
+        score_dtype = existing.dtype if existing else emb.dtype
+        parts, head_how = score_parts(existing, labels, hidden, score_dtype, std, options.seed, options.from_bt)
+        if value_head:
+            head_how = f"value head {head.weight}" + (" as [zeros; w]" if labels == 2 else "") + f" ({existing.dtype})"
+        score = OutTensor(layout.score, score_dtype, (labels, hidden), tuple(parts))
+        source_bias = ckpt.tensors[head.bias] if head is not None and head.bias else None
+        heads, bias_how = target_heads(target, (score,), score_name, source_bias, options)
+        names = tuple(f"LABEL_{i}" for i in range(labels))
+    elif rule.kept:  # an MLP head's tensors written byte for byte, under its class's names
+        heads, names, head_how = tuple(rule.tensors), rule.labels, rule.how
+    else:  # a head rule's weight (and the bias its rule makes of the source's) as the target's head
+        heads, bias_how = target_heads(target, tuple(rule.tensors), score_name, None, options, rule.bias)
+        names, head_how = rule.labels, rule.how
+    shards, index = _plan_shards(ckpt, dropped, replaced, list(heads), options, layout.renamed)
 
-    config = _output_config(ckpt, registered, target, new_vocab, pad, options.dtype, step_tag)
-    if kept_mlp:
-        config["architectures"] = ckpt.config["architectures"][:1]
+    cls = arch.class_name(ckpt.model_type, target.task)
+    if rule is not None and rule.kept:  # the kept class the target names (Qwen2ForRewardModel, ...ProcessRewardModel)
+        cls = class_of_config(ckpt.config) if target.per_token else kept_class_name(ckpt.model_type)
+    config = _output_config(ckpt, registered, target, names, new_vocab, pad, options.dtype, cls, step_tag)
+    if rule is not None and rule.kept and not target.per_token:
+        kept_config(config, heads)
     right_padding_only = ckpt.model_type in arch.right_padding_only
     json_files, generated = _plan_json(ckpt, right_padding_only, config, tok, generation_config, pad, options)
     skip = set(json_files) | set(generated) | {INDEX, BIN_INDEX, MANIFEST}
@@ -343,15 +353,9 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         "architecture": arch.name,
         "class": config["architectures"][0],
         "model_type": ckpt.model_type,
-        "source_kind": "value-head model"
-        if value_head
-        else "process reward model (MLP head)"
-        if kept_mlp
-        else "reward model"
-        if existing is not None
-        else "causal LM",
+        "source_kind": "value-head model" if value_head else "reward model" if existing is not None else "causal LM",
         "head": {
-            "from": existing.shape[0] if existing else labels if kept_mlp else None,
+            "from": existing.shape[0] if existing else None,
             "labels": labels,
             "how": head_how,
             **({"bias": bias_how} if bias_how else {}),
@@ -365,6 +369,19 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         "whole_file_copies": sorted(name for name, shard in shards.items() if isinstance(shard, Header)),
         "warnings": list(pad.warnings),
     }
+    if rule is None and head is not None and head.bias and not value_head and not target.bias:
+        report["warnings"] += bias_warnings(ckpt, head)  # a token classifier's score.bias, under a sequence target
+    if rule is not None:
+        report["source_kind"] = SOURCES[head.kind] if head is not None else "causal LM"
+        report["head"] = {
+            **report["head"],
+            "from": head.rows(ckpt) if head else None,
+            "names": list(names),
+            **rule.report,
+        }
+        report["warnings"] += rule.warnings
+        if layout.renamed:
+            report["renamed"] = f"{len(layout.renamed)} backbone tensors under the family's names"
     if right_padding_only:
         report["warnings"].append(
             f"{ckpt.model_type}'s recurrence runs over pad tokens: score right-padded batches only"
@@ -372,10 +389,6 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
         )
     if target.per_token:
         report["target"] = target.what
-    if head is not None and head.kind == "score" and head.bias and not target.bias:
-        report["warnings"].append(
-            f"{head.bias} dropped ({report['class']}'s score has no bias): rankings are unchanged, values shift"
-        )
     if value_head:
         report["value_head"] = {"file": existing.path.name, "bias": bias}
         if bias and not target.bias:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from ..dtypes import TORCH_NAMES
 from ..io.safetensors import Header, OutTensor
@@ -31,11 +32,13 @@ def _plan_shards(
     ckpt: Checkpoint,
     dropped: set[str],
     replaced: dict[str, OutTensor],
-    score: OutTensor | tuple[OutTensor, ...],
+    heads: list[OutTensor],
     options: Options,
+    renamed: dict[str, str] | None = None,
 ) -> tuple[dict[str, Header | list[OutTensor]], dict | None]:
-    """The output shards (a source shard to copy whole, or the tensors to assemble) and the index; ``score`` is
-    the head (its weight, or its weight and bias)."""
+    """The output shards (a source shard to copy whole, or the tensors to assemble) and the index; ``heads`` (the
+    score, or an MLP head's tensors) join one shard, ``renamed`` tensors are written under their new names."""
+    renamed = renamed or {}
     target = TORCH_NAMES[options.dtype] if options.dtype else None
     grouped: list[list[OutTensor]] = []
     changed: list[bool] = []
@@ -44,20 +47,22 @@ def _plan_shards(
         for info in sorted(shard.tensors.values(), key=lambda t: t.offset):
             if info.name not in dropped:
                 tensor = replaced.get(info.name) or OutTensor.copy_of(info)
+                if info.name in renamed:
+                    tensor = replace(tensor, name=renamed[info.name])
                 kept.append(tensor.as_dtype(target) if target else tensor)
         grouped.append(kept)
         changed.append(
             len(kept) != len(shard.tensors)
-            or any(t.parts != OutTensor.copy_of(shard.tensors[t.name]).parts for t in kept)
+            or any(n in renamed for n in shard.tensors)
+            or any(t.parts != OutTensor.copy_of(shard.tensors[t.name]).parts for t in kept if t.name in shard.tensors)
             or (shard.path.suffix == ".safetensors" and (shard.metadata or {}).get("format") != "pt")
         )
     # The head joins a shard that is rewritten anyway (where the old head or lm_head was), else the last one.
     home = next((i for i, c in enumerate(changed) if c and grouped[i]), len(grouped) - 1)
     while not grouped[home] and home > 0:
         home -= 1
-    for tensor in score if isinstance(score, tuple) else (score,):
-        grouped[home].append(tensor.as_dtype(target) if target else tensor)
-        changed[home] = True
+    grouped[home] += [head.as_dtype(target) if target else head for head in heads]
+    changed[home] = True
 
     if options.max_shard_size:
         groups = _reshard([t for group in grouped for t in group], options.max_shard_size)

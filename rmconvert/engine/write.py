@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import CheckpointError
-from ..families.schema import schema_errors
+from ..families.schema import config_schema, schema_errors
 from ..io.hashing import sha256
 from ..io.output import FILE_MODE, sync_file, write_file
 from ..io.safetensors import ByteRange, Header, OutTensor, layout, write_parts
@@ -80,7 +80,7 @@ def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
 
 def _check_config(plan: Plan, stop=None) -> None:
     """The output config must satisfy the architecture's JSON schema."""
-    schema = plan.registered.architecture.schema
+    schema = config_schema(plan.registered.architecture, plan.json_files["config.json"])
     problems = schema_errors(plan.json_files["config.json"], schema)
     if problems:
         raise CheckpointError(

@@ -8,7 +8,7 @@ from pathlib import Path
 from .. import schemas
 from ..errors import CheckpointError
 from ..sources.checkpoint import text_config
-from .layout import Layout, describe
+from .layout import Layout, aliased_view, backbone_alias, describe, from_view
 from .target import SEQUENCE, TOKEN
 
 #: Special tokens that serve as a pad when a tokenizer already carries one (Llama 3.1, OLMo 2, OLMoE, ...).
@@ -112,7 +112,15 @@ class Architecture:
         """What every tensor of ``ckpt`` is (:class:`rmconvert.families.layout.Layout`), computed once per
         checkpoint; the engine, ``validate`` and the LoRA planner read only this. The default describes the
         checkpoint with :meth:`embedding_name`, :meth:`dropped`, :meth:`score_name` and :meth:`hidden_size`:
-        override those for an odd layout, or this method to compute everything at once."""
+        override those for an odd layout, or this method to compute everything at once. A backbone saved under an
+        alias prefix (:data:`rmconvert.families.layout.ALIASES`) is described under the family's names and written
+        under them (``renamed``)."""
+        names = backbone_alias(ckpt, self.embedding)
+        if names:
+            return from_view(self._described(aliased_view(ckpt, names)), names)
+        return self._described(ckpt)
+
+    def _described(self, ckpt) -> Layout:
         lm_head = {n for n in ckpt.tensors if n.startswith(self.lm_head_prefixes)}
         try:
             embedding, outside = self.embedding_name(ckpt), self.dropped(ckpt)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..sources.checkpoint import read_config
 from .host import Registry, load_registry
-from .target import AUTO_CLASS, PROCESS_REWARD_CLASSES, class_of_config, task_of_config
+from .target import AUTO_CLASS, task_of_config
 
 
 def register_classes(path: str | Path, registry: Registry | None = None) -> type:
@@ -23,12 +23,12 @@ def load_reward_model(path: str | Path, **kwargs):
     ``AutoModelForTokenClassification`` for a token classifier (``--head value`` or ``prm``)."""
     import transformers
 
-    from .modeling import process_reward_class
+    from .modeling import kept_class
 
     config, registry = read_config(Path(path)), kwargs.pop("registry", None)
-    name = class_of_config(config)
-    if name in PROCESS_REWARD_CLASSES:  # an MLP-head PRM, kept: its class by name (no auto class holds it)
-        return process_reward_class(config["model_type"], name).from_pretrained(path, **kwargs)
+    kept = kept_class(config)
+    if kept is not None:  # a kept MLP head: rmconvert's class by name (no auto class holds it)
+        return kept.from_pretrained(path, **kwargs)
     register_classes(path, registry)
     auto = getattr(transformers, AUTO_CLASS[task_of_config(config)])
     return auto.from_pretrained(path, **kwargs)

@@ -7,7 +7,7 @@ import and the conversion itself never needs it.
 from __future__ import annotations
 
 from ..errors import CheckpointError
-from .target import AUTO_CLASS, PROCESS_REWARD_CLASSES, SEQUENCE, TOKEN, task_of_class
+from .target import AUTO_CLASS, PROCESS_REWARD_CLASSES, SEQUENCE, TOKEN, class_of_config, task_of_class
 
 
 def _mappings():
@@ -250,10 +250,11 @@ def portable_module(model_type: str, class_name: str) -> str | None:
     from . import reward_head
 
     task = task_of_class(class_name)
-    base = PROCESS_REWARD_BASE.get(class_name, BUILT_BASE[task])
-    if class_name not in PROCESS_REWARD_BASE and (reward_class_name if task == SEQUENCE else token_class_name)(
-        model_type
-    ):
+    # a kept MLP head: Qwen2ForRewardModel (a sequence classifier) or Qwen2ForProcessRewardModel (per token)
+    kept = class_name.endswith("ForRewardModel") and class_name == kept_class_name(model_type)
+    base = "MLPScoreForSequenceClassification" if kept else PROCESS_REWARD_BASE.get(class_name, BUILT_BASE[task])
+    own = reward_class_name if task == SEQUENCE else token_class_name
+    if not kept and class_name not in PROCESS_REWARD_BASE and own(model_type):
         return None
     _, pretrained = _backbone_classes(model_type)
     config = CONFIG_MAPPING[model_type]
@@ -274,3 +275,59 @@ class {class_name}({base}, {pretrained.__name__}):
     base_model_prefix = "{backbone_prefix(model_type)}"
     config_class = {config.__name__}
 '''
+
+
+def kept_class_name(model_type: str) -> str:
+    """The class name of a reward model whose MLP head is kept: ``Qwen2ForRewardModel`` for Qwen2 (vLLM and sglang
+    serve it natively), else ``<Family>ForRewardModel``."""
+    if model_type == "qwen2":
+        return "Qwen2ForRewardModel"
+    backbone = _backbone_name(model_type)
+    if not backbone or not backbone.endswith("Model"):
+        raise CheckpointError(f"transformers has no backbone class for model_type {model_type!r}")
+    return backbone[: -len("Model")] + "ForRewardModel"
+
+
+def kept_config(config: dict, heads) -> None:
+    """config.json fields of a kept MLP head: its inner width (``score_inner_size``) and 1 label for vLLM."""
+    config["score_inner_size"] = heads[0].shape[0]
+
+
+def is_kept(config: dict) -> bool:
+    """Whether a config describes a reward model with a kept MLP head (written by rmconvert)."""
+    return type(config.get("score_inner_size")) is int
+
+
+_KEPT: dict[str, type] = {}
+
+
+def build_kept_class(model_type: str) -> type:
+    """A :class:`MLPScoreForSequenceClassification` over the family's backbone (never registered with the Auto
+    classes: a family's own sequence classifier stays what AutoModelForSequenceClassification loads)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .reward_head import MLPScoreForSequenceClassification
+
+    if model_type not in _KEPT:
+        _, pretrained = _backbone_classes(model_type)
+        namespace = {
+            "__module__": pretrained.__module__,
+            "base_model_prefix": backbone_prefix(model_type),
+            "config_class": CONFIG_MAPPING[model_type],
+        }
+        _KEPT[model_type] = type(
+            kept_class_name(model_type), (MLPScoreForSequenceClassification, pretrained), namespace
+        )
+    return _KEPT[model_type]
+
+
+def kept_class(config: dict) -> type | None:
+    """The class of a checkpoint whose MLP head is kept, chosen by its target: ``Qwen2ForProcessRewardModel``
+    (per token, :func:`process_reward_class`) or a kept reward model (``score_inner_size``, :func:`build_kept_class`);
+    None for any other checkpoint."""
+    name = class_of_config(config)
+    if name in PROCESS_REWARD_CLASSES:
+        return process_reward_class(config["model_type"], name)
+    if is_kept(config):
+        return build_kept_class(config["model_type"])
+    return None

@@ -81,6 +81,21 @@ class ScoreForSequenceClassification(GenericForSequenceClassification):
         )
 
 
+class MLPScoreForSequenceClassification(ScoreForSequenceClassification):
+    """The same, with Qwen2ForRewardModel's MLP head: ``score = Linear(H, I) -> ReLU -> Linear(I, num_labels)``,
+    both with a bias (``I`` is config ``score_inner_size``, ``hidden_size`` when absent), read at the rightmost
+    token that is not the pad."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        hidden = config.get_text_config().hidden_size
+        inner = getattr(config, "score_inner_size", None) or hidden
+        self.score = torch.nn.Sequential(
+            torch.nn.Linear(hidden, inner), torch.nn.ReLU(), torch.nn.Linear(inner, self.num_labels)
+        )
+        self.post_init()
+
+
 class ScoreForTokenClassification(GenericForTokenClassification):
     """A backbone under ``base_model_prefix`` plus ``score`` (with a bias) at every token, after a dropout of
     ``classifier_dropout``: transformers' GenericForTokenClassification (a value model, a process reward model),
