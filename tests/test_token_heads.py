@@ -369,8 +369,128 @@ def test_a_trl_prm_becomes_a_reward_model_read_at_the_last_token(build, tmp_path
     src = trl_prm(build, tmp_path)
     report = convert(src, tmp_path / "rm")
     # one warning for the dropped bias (heads' and prm's joined), with its values
-    assert [w for w in report["warnings"] if "bias" in w and "dropped" in w] == [
-        w for w in report["warnings"] if w.startswith("score.bias [0.25, -0.5] dropped")
-    ] != []
+    assert (
+        [w for w in report["warnings"] if "bias" in w and "dropped" in w]
+        == [w for w in report["warnings"] if w.startswith("score.bias [0.25, -0.5] dropped")]
+        != []
+    )
     assert torch.equal(weights(tmp_path / "rm")["score.weight"], weights(src)["score.weight"][1:])
     assert no_errors(tmp_path / "rm", src) == []
+
+
+# --- heads (issue 17) joined with token targets (issue 18) -------------------------------------------------
+
+
+def lm_table(src: Path) -> torch.Tensor:
+    """The causal LM's LM head [vocab, H] (its input embedding when tied)."""
+    stored = weights(src)
+    return stored["lm_head.weight"] if "lm_head.weight" in stored else stored["model.embed_tokens.weight"]
+
+
+def two_tokens(src: Path) -> tuple[str, str, int, int]:
+    """Two single tokens of the tiny tokenizer, as math-shepherd's ``-`` (NEG) and ``+`` (POS): names and ids."""
+    vocab = json.loads((src / "tokenizer.json").read_text())["model"]["vocab"]
+    neg, pos = ("-", "+") if "-" in vocab and "+" in vocab else sorted(vocab, key=vocab.get)[40:42]
+    return neg, pos, vocab[neg], vocab[pos]
+
+
+def test_a_math_shepherd_style_lm_becomes_a_prm_of_its_lm_head_rows(build, tmp_path):
+    """``--head-from-tokens NEG,POS --head prm``: score = lm_head[[NEG, POS]] (the rows, not their difference),
+    bias 0; per-token logits equal h @ lm_head[[NEG, POS]].T bit for bit at every position."""
+    src = build("llama3")
+    neg, pos, neg_id, pos_id = two_tokens(src)
+    report = convert(src, tmp_path / "prm", head="prm", head_from_tokens=f"{neg},{pos}", step_separator="\n")
+    dst, cfg = tmp_path / "prm", config(tmp_path / "prm")
+    weight = lm_table(src)[[neg_id, pos_id]]
+    assert cfg["architectures"] == [report["class"]] == ["LlamaForTokenClassification"]
+    assert cfg["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"} and "problem_type" not in cfg
+    assert report["head"]["rule"] == "rows" and report["head"]["tokens"] == {neg: neg_id, pos: pos_id}
+    assert_applies(dst, src, weight, torch.zeros(2))
+    for ids in IDS:  # every position, against the LM head itself: h @ lm_head[[NEG, POS]].T
+        assert torch.equal(per_token(dst, ids), hidden_states(src, ids) @ weight.T)
+    assert no_errors(dst, src) == []
+
+
+def test_value_from_lm_head_tokens(build, tmp_path):
+    """``--head value`` takes a 1-row rule of the LM head: one token's row, or POS - NEG (rounded once), bias 0."""
+    src = build("llama3")
+    neg, pos, neg_id, pos_id = two_tokens(src)
+    table = lm_table(src)
+    convert(src, tmp_path / "one", head="value", head_from_tokens=pos)
+    assert_applies(tmp_path / "one", src, table[[pos_id]], torch.zeros(1))
+    convert(src, tmp_path / "two", head="value", head_from_tokens=f"{neg},{pos}")
+    difference = (table[pos_id].double() - table[neg_id].double()).float()[None]
+    assert_applies(tmp_path / "two", src, difference, torch.zeros(1))
+    assert config(tmp_path / "two")["problem_type"] == "regression"
+
+
+def n_label_rm(build, tmp_path, bias: bool = False) -> tuple[Path, torch.Tensor, torch.Tensor | None]:
+    """A 3-objective reward model: a LlamaForSequenceClassification ``score [3, H]``, or NeMo's ``rm_head`` with a
+    bias ``[3]`` (a renamed linear head)."""
+    src = build("llama3")
+    hidden = config(src)["hidden_size"]
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(3, hidden, generator=gen) / hidden**0.5
+    b = torch.tensor([0.5, -0.25, 0.125]) if bias else None
+    head = {"rm_head.weight": w, "rm_head.bias": b} if bias else {"score.weight": w}
+    names = {"0": "helpful", "1": "correct", "2": "coherent"}
+    fields = {"id2label": names, "label2id": {v: int(k) for k, v in names.items()}}
+    if not bias:
+        fields["architectures"] = ["LlamaForSequenceClassification"]
+    dst = edited(src, tmp_path / ("nemo" if bias else "n-label"), head, drop=("lm_head.weight",), **fields)
+    return dst, w, b
+
+
+@pytest.mark.parametrize("objective", ["1", "coherent"])
+def test_value_from_an_n_label_reward_model_objective(build, tmp_path, objective):
+    """``--head value --objective k`` from an N-label reward model: row k's per-token output, bias 0 (a sequence
+    classifier's score has none)."""
+    src, w, _ = n_label_rm(build, tmp_path)
+    k = {"1": 1, "coherent": 2}[objective]
+    report = convert(src, tmp_path / "value", head="value", objective=objective)
+    assert report["head"]["objective"] == k and config(tmp_path / "value")["id2label"] == {"0": "LABEL_0"}
+    assert_applies(tmp_path / "value", src, w[[k]], torch.zeros(1))
+    assert not [m for m in report["warnings"] if "bias" in m]
+
+
+def test_value_keeps_the_source_bias_by_the_rows_rule(build, tmp_path):
+    """A renamed linear head with a bias (NeMo's rm_head [3, H] + [3]): ``--objective 1`` gives row 1 and bias
+    entry 1; ``--weights`` gives the same combination of the rows and of the bias, each rounded once."""
+    src, w, b = n_label_rm(build, tmp_path, bias=True)
+    report = convert(src, tmp_path / "row", head="value", objective="1")
+    assert_applies(tmp_path / "row", src, w[[1]], b[[1]])
+    assert not [m for m in report["warnings"] if "dropped" in m]
+    c = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    convert(src, tmp_path / "mix", head="value", weights="0.5,-1,2")
+    expected_w = (c @ w.double()).float()[None]
+    expected_b = (c @ b.double()).float()[None]
+    assert_applies(tmp_path / "mix", src, expected_w, expected_b)
+
+
+@pytest.mark.parametrize(
+    "case, args, message",
+    [
+        ("prm-one-token", ["--head", "prm", "--head-from-tokens", "{pos}"], "takes 2 tokens"),
+        ("prm-three-tokens", ["--head", "prm", "--head-from-tokens", "{neg},{pos},{pos2}"], "takes 2 tokens"),
+        ("value-three-tokens", ["--head", "value", "--head-from-tokens", "{neg},{pos},{pos2}"], "makes 1 row"),
+        ("prm-objective", ["--head", "prm", "--objective", "1"], "--head prm has 2 labels"),
+        ("prm-weights", ["--head", "prm", "--weights", "1,0,0"], "--head prm has 2 labels"),
+        ("value-n-rows", ["--head", "value"], "of 1 row(s); this head rule gives 3"),
+        ("prm-n-rows", ["--head", "prm"], "of 2 row(s); this head rule gives 3"),
+    ],
+)
+def test_bad_head_and_target_combinations_are_refused_in_one_line(build, tmp_path, case, args, message):
+    src = n_label_rm(build, tmp_path)[0] if "rows" in case or "objective" in case or "weights" in case else None
+    lm = build("llama3")
+    neg, pos, _, _ = two_tokens(lm)
+    vocab = json.loads((lm / "tokenizer.json").read_text())["model"]["vocab"]
+    pos2 = next(t for t in sorted(vocab, key=vocab.get)[50:] if t not in (neg, pos) and t.isalpha())
+    args = [a.format(neg=neg, pos=pos, pos2=pos2) for a in args]
+    src = src or lm
+    before = snapshot(src)
+    result = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "dst"), *args])
+    assert result.exit_code == 2, (case, result.output)
+    lines = [line for line in result.output.splitlines() if line.startswith(("Error:", "rmconvert: error:"))]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output, (case, result.output)
+    assert not (tmp_path / "dst").exists() and not [p for p in tmp_path.iterdir() if "rmconvert-" in p.name]
+    assert snapshot(src) == before
