@@ -155,7 +155,9 @@ def cli():
     metavar="TOKEN[,TOKEN...]",
     help="Make score from a causal LM's LM-head rows (the embedding's when tied): two tokens no,yes give"
     " row[yes] - row[no] (a yes/no GenRM: sigmoid of the reward = P(yes)), one or more than two the rows"
-    " themselves. A TOKEN is a vocabulary entry exactly (case-sensitive), text that is one token, or an id.",
+    " themselves; with --head prm exactly two, NEG,POS, kept as the rows lm_head[[NEG, POS]] (an lm-head PRM such as"
+    " math-shepherd; bias 0); with --head value one token or two (their difference). A TOKEN is a vocabulary entry"
+    " exactly (case-sensitive), text that is one token, or an id.",
 )
 @click.option(
     "--dtype",
