@@ -59,8 +59,10 @@ class Generic(Architecture):
         alias = config_attribute_map(config.get("model_type", "")).get("hidden_size")
         return tc.get(alias) if alias else None
 
-    def score_name(self, model_type):
+    def score_name(self, model_type, task="sequence"):
         """``score.weight``, or the head transformers' native classifier names otherwise (CTRL: ``classifier``)."""
+        if task != "sequence":
+            return Architecture.score_name(self, model_type, task)
         from rmconvert.families.modeling import reward_class_name
         from rmconvert.families.structure import classifier_head, classifier_parameters
 

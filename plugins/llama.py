@@ -7,6 +7,7 @@ class Llama(Architecture):
     name = "llama"
     model_types = ("llama",)
     sequence_classification_class = "LlamaForSequenceClassification"
+    token_classification_class = "LlamaForTokenClassification"
     dropout_fields = ("attention_dropout",)
     schema = schemas.path("llama")
 

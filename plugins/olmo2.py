@@ -7,6 +7,7 @@ class Olmo2(Architecture):
     name = "olmo2"
     model_types = ("olmo2",)
     sequence_classification_class = "Olmo2ForSequenceClassification"
+    token_classification_class = "Olmo2ForTokenClassification"
     dropout_fields = ("attention_dropout",)
     pad_tokens = ("<|pad|>",) + Architecture.pad_tokens
     schema = schemas.path("olmo2")

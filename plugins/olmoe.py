@@ -10,6 +10,7 @@ class Olmoe(Architecture):
     name = "olmoe"
     model_types = ("olmoe",)
     sequence_classification_class = "OlmoeForSequenceClassification"
+    token_classification_class = "OlmoeForTokenClassification"
     dropout_fields = ("attention_dropout",)
     pad_tokens = ("<|pad|>",) + Architecture.pad_tokens
     schema = schemas.path("olmoe")

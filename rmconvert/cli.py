@@ -99,10 +99,19 @@ def cli():
 )
 @click.option(
     "--head",
-    type=click.Choice(["scalar", "bt"]),
+    type=click.Choice(["scalar", "bt", "prm", "value"]),
     default="scalar",
     show_default=True,
-    help="scalar: 1 label (TRL, open-instruct). bt: 2 labels [zeros; w] (HALOs Bradley-Terry).",
+    help="scalar: 1 label (TRL, open-instruct). bt: 2 labels [zeros; w] (HALOs Bradley-Terry). prm: a process"
+    " reward model, <Family>ForTokenClassification with 2 labels (TRL PRMTrainer; LABEL_1 = correct step)."
+    " value: a value model / critic, <Family>ForTokenClassification with 1 label (verl, OpenRLHF, open-instruct),"
+    " whose score at the last token is the source reward model's reward; its pad is --pad-token existing's.",
+)
+@click.option(
+    "--step-separator",
+    metavar="TEXT",
+    help="With --head prm or value: the step tag a PRM is read at (TRL PRMTrainer's step_separator), recorded as"
+    " config.json step_tag_id; it must be one token of the vocabulary, not the pad or an eos.",
 )
 @click.option(
     "--pad-token",
@@ -122,6 +131,33 @@ def cli():
     default="row1",
     show_default=True,
     help="2-label source to scalar: row1 (HALOs trains only row 1) or row 1 - row 0 (softmax classifiers).",
+)
+@click.option(
+    "--label-names",
+    metavar="NAME,...",
+    help="Names of the head's rows, written as id2label (default: the names the source config carries, else"
+    " LABEL_i). As many as the output head has rows.",
+)
+@click.option(
+    "--objective",
+    metavar="NAME|k",
+    help="A multi-objective head (N rows, ArmoRM/QRM, HelpSteer-style): write only objective k (0-based) or NAME"
+    " as a 1-label reward model (QRM: the mean of its quantile rows).",
+)
+@click.option(
+    "--weights",
+    metavar="c1,...,cN",
+    help="Collapse an N-row linear head into one row sum(c_i * row_i), in float64 rounded once (e.g. Nemotron-4"
+    " 340B's 0,0,0,0,.3,.74,.46,.47,-.33). Refused on gated heads (ArmoRM, QRM), whose weights depend on the prompt.",
+)
+@click.option(
+    "--head-from-tokens",
+    metavar="TOKEN[,TOKEN...]",
+    help="Make score from a causal LM's LM-head rows (the embedding's when tied): two tokens no,yes give"
+    " row[yes] - row[no] (a yes/no GenRM: sigmoid of the reward = P(yes)), one or more than two the rows"
+    " themselves; with --head prm exactly two, NEG,POS, kept as the rows lm_head[[NEG, POS]] (an lm-head PRM such as"
+    " math-shepherd; bias 0); with --head value one token or two (their difference). A TOKEN is a vocabulary entry"
+    " exactly (case-sensitive), text that is one token, or an id.",
 )
 @click.option(
     "--dtype",
@@ -180,6 +216,10 @@ def convert(src, dst, overwrite, link, adapter, as_json, **options):
     never loaded. SRC is never written, and DST appears only when complete.
     """
     from .engine import convert as run
+
+    given = click.get_current_context().get_parameter_source("from_bt")
+    if options["head"] == "prm" and given is not click.core.ParameterSource.DEFAULT:
+        raise UsageError("--from-bt chooses how a 2-label head becomes 1 label; --head prm keeps 2 labels")
 
     bar = ByteBar(sys.stderr) if not as_json and sys.stderr.isatty() else None
     lines = None if as_json or bar else lambda msg: click.echo(msg, err=True)

@@ -21,8 +21,9 @@ from pathlib import Path
 from .errors import summary
 
 
-def check(model_type: str, root: Path) -> tuple[str, str]:
-    """(outcome, detail) for one model_type: ok, unbuildable (no tiny causal LM that runs) or failed."""
+def check(model_type: str, root: Path, head: str = "scalar") -> tuple[str, str]:
+    """(outcome, detail) for one model_type: ok, unbuildable (no tiny causal LM that runs) or failed; ``head``
+    is convert's ``--head`` (``value``: the token classifier)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -37,8 +38,8 @@ def check(model_type: str, root: Path) -> tuple[str, str]:
     except Exception as exc:  # noqa: BLE001 (a family the tiny builder cannot make is reported, not fatal)
         return "unbuildable", summary(exc, 160)
     try:
-        report = convert(source, root / f"{model_type}-rm")
-        errors = [f for f in validate(root / f"{model_type}-rm", load=True) if f.severity == ERROR]
+        report = convert(source, root / f"{model_type}-{head}", head=head)
+        errors = [f for f in validate(root / f"{model_type}-{head}", load=True) if f.severity == ERROR]
     except Exception as exc:  # noqa: BLE001 (every failure is a finding of the report)
         return "failed", summary(exc, 160)
     if errors:
@@ -122,7 +123,7 @@ _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(["torch", "transformers", "rmconvert.engine", "rmconvert.doctor.validation"])
 
 
-def _child(model_type: str, root: Path, memory: int, conn, composite: bool = False) -> None:
+def _child(model_type: str, root: Path, memory: int, conn, composite: bool = False, head: str = "scalar") -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -130,20 +131,28 @@ def _child(model_type: str, root: Path, memory: int, conn, composite: bool = Fal
     warnings.simplefilter("ignore")
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     try:
-        conn.send((check_composite if composite else check)(model_type, root))
+        conn.send(check_composite(model_type, root) if composite else check(model_type, root, head))
     except BaseException as exc:  # noqa: BLE001 (MemoryError and the like end up in the report)
         conn.send(("unbuildable", f"crashed: {summary(exc, 160)}"))
 
 
 def check_all(
-    model_types, root: Path, memory: int, seconds: int, jobs: int = 2, on_result=None, composite: bool = False
+    model_types,
+    root: Path,
+    memory: int,
+    seconds: int,
+    jobs: int = 2,
+    on_result=None,
+    composite: bool = False,
+    head: str = "scalar",
 ) -> dict:
     """``check`` of every model_type, each in a child process with bounded memory and time (some "tiny"
     configs are not tiny), ``jobs`` at a time; ``on_result(model_type, result)`` as each ends.
 
     Children fork from a fork server that has imported torch and transformers but run nothing (forking a
     process whose torch threads have run can deadlock), so each check starts warm and safe. A child that dies
-    without an answer (killed for memory, a crash in native code) is reported as such.
+    without an answer (killed for memory, a crash in native code) is reported as such. ``head``: convert's
+    ``--head`` (``value`` or ``prm``: every family as a token classifier).
     """
     from multiprocessing.connection import wait as wait_any
 
@@ -152,7 +161,7 @@ def check_all(
         while pending and len(running) < jobs:
             model_type = pending.pop(0)
             receive, send = multiprocessing.Pipe(duplex=False)
-            worker = _CONTEXT.Process(target=_child, args=(model_type, root, memory, send, composite))
+            worker = _CONTEXT.Process(target=_child, args=(model_type, root, memory, send, composite, head))
             worker.start()
             send.close()  # the child holds the only writer: its death ends the pipe
             running[receive] = (model_type, worker, time.monotonic() + seconds)
@@ -187,6 +196,9 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=int, default=300, help="seconds allowed for each check (default 300)")
     parser.add_argument("--jobs", type=int, default=2, help="checks run at once (default 2)")
     parser.add_argument("--composite", action="store_true", help="only the second table (vision-language families)")
+    parser.add_argument(
+        "--head", default="scalar", help="convert's --head (value, prm: token classifiers; decoder-only table only)"
+    )
     args = parser.parse_args(argv)
     logging.set_verbosity_error()
     logging.disable_progress_bar()
@@ -205,13 +217,14 @@ def main(argv=None) -> None:
                 False,
             )
         )
-    tables.append(
-        (
-            "vision-language (composite)",
-            [t for t in named if is_composite(t)] if named else sorted(composite_model_types()),
-            True,
+    if args.head == "scalar":  # --head prm|value is refused for a composite model (no token classifier)
+        tables.append(
+            (
+                "vision-language (composite)",
+                [t for t in named if is_composite(t)] if named else sorted(composite_model_types()),
+                True,
+            )
         )
-    )
     for title, types, composite in tables:
         if not types:
             continue
@@ -224,6 +237,7 @@ def main(argv=None) -> None:
                 args.jobs,
                 lambda model_type, result: print(f"{model_type:32} {result[0]:12} {result[1]}", flush=True),
                 composite,
+                args.head,
             )
         buildable = {t: r for t, r in results.items() if r[0] != "unbuildable"}
         ok = [t for t, r in buildable.items() if r[0] == "ok"]

@@ -123,6 +123,17 @@ def test_every_decoder_only_family_converts_and_loads(tmp_path):
     assert set(failed) == KNOWN_EXCEPTIONS, failed
 
 
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="the coverage run is tox's latest env's")
+def test_every_decoder_only_family_converts_to_a_token_classifier(tmp_path):
+    """``python -m rmconvert.coverage --head value``: every family that converts to a sequence classifier converts
+    to a token classifier (a value model; ``--head prm`` differs only in its rows), transformers' own or one
+    rmconvert builds, loads and scores padded batches per token."""
+    results = check_all(sorted(decoder_only_model_types()), tmp_path, 8 << 30, 300, head="value")
+    failed = {t: detail for t, (outcome, detail) in results.items() if outcome == "failed"}
+    assert {t for t, (outcome, _) in results.items() if outcome == "unbuildable"} == set()
+    assert set(failed) == KNOWN_EXCEPTIONS, failed
+
+
 class _Records(logging.Handler):
     """The messages logged to transformers' loggers."""
 

@@ -169,8 +169,9 @@ def test_a_wrong_field_is_one_finding(build):
     schema = [f for f in validate(build("llama3")) if f.code == "RM002" and f.where == "/architectures/0"]
     assert [f.message for f in schema] == [
         (
-            "'LlamaForCausalLM' does not match 'ForSequenceClassification$'; 'LlamaForSequenceClassification' was"
-            " expected (schema llama.schema.json)"
+            "'LlamaForCausalLM' does not match 'For(Sequence|Token)Classification$|^Qwen2ForProcessRewardModel$';"
+            " 'LlamaForCausalLM' is not one"
+            " of ['LlamaForSequenceClassification', 'LlamaForTokenClassification'] (schema llama.schema.json)"
         )
     ]
 

@@ -378,6 +378,16 @@ def test_text_only_is_refused_where_the_language_model_cannot_run_alone(policies
     assert not (tmp_path / "dst").exists()
 
 
+@pytest.mark.parametrize("head", ["prm", "value"])
+def test_token_classifier_heads_are_refused_for_a_vlm(policies, tmp_path, head):
+    src = policies("qwen2_5_vl", True)[0]
+    result = _cli("convert", src, tmp_path / "dst", "--head", head)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--head {head}" in lines[0] and "config.json" in lines[0], lines
+    assert not (tmp_path / "dst").exists()
+
+
 # --- sources and outputs -----------------------------------------------------------------------
 
 

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from ..engine.lora_merge import read_range
 from ..engine.pad import eos_ids
+from ..engine.rules import SOURCES
+from ..families.layout import HeadError
+from ..families.schema import config_schema as schema_for
 from ..families.schema import schema_errors
 from ..sources.checkpoint import VALUE_HEAD
 from ..sources.tokenizer_files import TOKENIZER, TOKENIZER_CONFIG
@@ -28,12 +32,13 @@ def config_schema(s: Subject) -> Iterator[Finding]:
     if s.architecture is None:
         return
     messages: dict[str, list[str]] = {}
-    for problem in schema_errors(s.config, s.architecture.schema):
+    schema = schema_for(s.architecture, s.config)
+    for problem in schema_errors(s.config, schema):
         pointer, message = problem.split(": ", 1)
         if message not in messages.setdefault(pointer, []):
             messages[pointer].append(message)
     for pointer, said in messages.items():
-        yield s.finding("RM002", CONFIG, pointer, f"{'; '.join(said)} (schema {s.architecture.schema.name})")
+        yield s.finding("RM002", CONFIG, pointer, f"{'; '.join(said)} (schema {schema.name})")
 
 
 def _count(n: int, noun: str) -> str:
@@ -71,21 +76,85 @@ def value_head(s: Subject) -> Iterator[Finding]:
         )
 
 
+#: Who loads each head kind as it is (transformers, vLLM, sglang), for RM150.
+LOADERS = {
+    "starling": "transformers: a random score (the head is v_head, the backbone may be transformer.*); vLLM, sglang: no",
+    "ultrarm": "transformers: remote code only (LlamaRewardModel); vLLM, sglang: no",
+    "beaver": "transformers: remote code only (safe-rlhf LlamaForScore); vLLM, sglang: no",
+    "nemo": "transformers: a random score (the head is rm_head); vLLM, sglang: no",
+    "regression": "transformers: a random score (the head is regression_layer); vLLM, sglang: no",
+    "gated": "transformers: remote code only (its reward mixes the rows by a gating network read at the end of the"
+    " prompt); vLLM, sglang: no",
+    "mlp": "transformers: remote code only (Qwen2ForRewardModel auto_map, reward-bench's INF-ORM and GRM classes);"
+    " vLLM, sglang: Qwen2ForRewardModel for Qwen2 with an [H, H] first layer",
+    "internlm2": "transformers: remote code only (no internlm2 class); vLLM, sglang: InternLM2ForRewardModel",
+}
+
+
+def _labels(config: dict) -> int:
+    """The labels transformers builds from a config: id2label's, else num_labels, else 2."""
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict):
+        return len(id2label)
+    return config["num_labels"] if type(config.get("num_labels")) is int else 2
+
+
+def head_kind(s: Subject) -> Iterator[Finding]:
+    """RM150: a head transformers' sequence classifier does not load, named with its kind, its loaders and the
+    command that converts it; RM151: a head that cannot be told."""
+    if s.head_error is not None:
+        yield s.finding("RM151", s.weights_file, "", s.head_error.message)
+        return
+    head = s.head
+    if head is None or head.kind in ("score", "openrlhf", "value") or (head.rule == "kept" and s.kept_mlp is not None):
+        return  # RM014, RM015: OpenRLHF and TRL value heads have codes of their own
+    rows = head.rows(s.ckpt)
+    shape = list(s.ckpt.tensors[head.weight].shape)
+    what = f"kind {head.kind} ({SOURCES.get(head.kind, head.kind)}): {head.weight} {shape}"
+    if head.quantiles > 1:
+        what += f" ({rows // head.quantiles} objectives x {head.quantiles} quantiles)"
+    if head.negate:
+        what += ", a cost model (lower is better)"
+    yield s.finding(
+        "RM150",
+        s.ckpt.tensors[head.weight].path.name,
+        head.weight,
+        f"{what}, read at {head.read_at}; {LOADERS[head.kind]}",
+    )
+
+
 def head(s: Subject) -> Iterator[Finding]:
     hidden, name = s.hidden_size, s.score_name
     for lm_head in sorted(n for n in s.ckpt.tensors if n.startswith("lm_head.")):
         yield s.finding("RM013", s.ckpt.tensors[lm_head].path.name, lm_head, f"a reward model has only {name}")
+    found = s.head
+    if found is not None and found.kind not in ("score", "openrlhf", "value"):
+        if s.kept_mlp is not None:  # Qwen2ForRewardModel / Qwen2ForProcessRewardModel: a row per label at the end
+            last = s.ckpt.tensors[found.weight]
+            if len(last.shape) != 2:
+                yield s.finding("RM011", last.path.name, found.weight, f"{list(last.shape)}; expected [N, inner]")
+                return
+        rows = found.objectives(s.ckpt)
+        labels = _labels(s.config)
+        if rows is not None and labels != rows and found.rule != "trigger":
+            yield s.finding(
+                "RM012",
+                CONFIG,
+                "/id2label",
+                f"the config loads {_count(labels, 'label')} but {found.weight} gives {_count(rows, 'reward')}"
+                f" ({found.kind} head)",
+            )
+        return  # RM150 names the head and its fix (none for a kept MLP head)
     score = s.ckpt.tensors.get(name)
-    if score is None and VALUE_HEAD + "weight" in s.ckpt.tensors:
-        return  # RM015
+    if score is None and (VALUE_HEAD + "weight" in s.ckpt.tensors or s.head_error is not None):
+        return  # RM015, RM151
     if score is None:
         yield s.finding("RM010", s.weights_file, name, f"no score head: no shard holds {name}")
         return
-    if len(score.shape) != 2 or score.shape[0] not in (1, 2) or score.shape[1] != hidden:
-        yield s.finding("RM011", score.path.name, name, f"{list(score.shape)}; expected [1 or 2, {hidden}]")
+    if len(score.shape) != 2 or score.shape[1] != hidden:
+        yield s.finding("RM011", score.path.name, name, f"{list(score.shape)}; expected [N, {hidden}]")
         return
-    id2label = s.config.get("id2label")
-    labels = len(id2label) if isinstance(id2label, dict) else 2  # what transformers builds without id2label
+    labels = _labels(s.config)  # what transformers builds
     if labels != score.shape[0]:
         yield s.finding(
             "RM012",
@@ -96,10 +165,57 @@ def head(s: Subject) -> Iterator[Finding]:
         )
 
 
+def consumer_fit(s: Subject) -> Iterator[Finding]:
+    """RM152: a head of several rows, read at column 0 by TRL's GRPO and RLOO (a [zeros; w] head then gives 0.0 at
+    every step, with no warning), at column 1 by HALOs."""
+    found = s.head
+    if found is None or found.kind != "score" or found.weight not in s.ckpt.tensors:
+        return
+    info = s.ckpt.tensors[found.weight]
+    if len(info.shape) != 2 or info.shape[0] < 2:
+        return
+    names = _names(s.config, info.shape[0])
+    zeros = read_range(info.path, info.offset, info.row_bytes).count(0) == info.row_bytes
+    first = "all zeros: every reward is 0.0, with no warning" if zeros else f"{names[0]!r} only"
+    loaders = (
+        f"TRL's GRPO and RLOO given the model read logits[:, 0] ({first}), given the path they force num_labels=1"
+        f" and fail on the {info.shape[0]}-row head"
+    )
+    if info.shape[0] == 2:
+        loaders += "; HALOs reads logits[:, 1]"
+    yield s.finding("RM152", info.path.name, found.weight, loaders + f"; vLLM returns all {info.shape[0]} columns")
+
+
+def _names(config: dict, rows: int) -> list[str]:
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and len(id2label) == rows:
+        return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(rows)]
+    return [f"LABEL_{i}" for i in range(rows)]
+
+
+def reward_token(s: Subject) -> Iterator[Finding]:
+    """RM153: a token-triggered reward model's ``reward_token_id`` is a token of the vocabulary, not the pad."""
+    if "reward_token_id" not in s.config:
+        return
+    token = s.config["reward_token_id"]
+    vocab, pad = s.text_config.get("vocab_size"), s.text_config.get("pad_token_id")
+    problem = None
+    if type(token) is not int or token < 0:
+        problem = f"{token!r} is not a token id"
+    elif type(vocab) is int and token >= vocab:
+        problem = f"{token} is not below vocab_size {vocab}"
+    elif token == pad:
+        problem = f"{token} is the pad: the reward would be read at padding"
+    elif s.tokenizer is not None and token not in set(s.tokenizer.ids.values()):
+        problem = f"{token} is no token of tokenizer.json ({len(s.tokenizer)} ids)"
+    if problem:
+        yield s.finding("RM153", CONFIG, "/reward_token_id", problem)
+
+
 def embedding(s: Subject) -> Iterator[Finding]:
     if s.layout is None:
         return
-    if s.layout.error is not None:
+    if s.layout.error is not None and not isinstance(s.layout.error, HeadError):
         yield s.finding("RM023", CONFIG, "", s.layout.error.message)
         return
     name = s.layout.embedding
@@ -176,8 +292,12 @@ def dropout(s: Subject) -> Iterator[Finding]:
 
 
 def problem_type(s: Subject) -> Iterator[Finding]:
-    """Serving stacks apply sigmoid (1 label) or softmax (2 labels) unless the config says regression."""
+    """Serving stacks apply sigmoid (1 label) or softmax (2 labels) unless the config says regression; a 2-label
+    PRM's labels are classes (softmax: P(correct step), as TRL's PRMTrainer outputs are read)."""
     value = s.config.get("problem_type")
+    score = s.ckpt.tensors.get(s.score_name)
+    if s.per_token and score is not None and score.shape[0] == 2:
+        return
     if value != "regression":
         yield s.finding("RM051", CONFIG, "/problem_type", "missing" if value is None else repr(value))
 
@@ -262,6 +382,45 @@ def vision_language(s: Subject) -> Iterator[Finding]:
         yield s.finding("RM135", str(s.path), "", f"none of {', '.join(PROCESSOR_FILES)}")
 
 
+def token_head(s: Subject) -> Iterator[Finding]:
+    """A token classifier (value model, PRM): its head's bias [labels], no dropout before it."""
+    if not s.per_token or s.kept_mlp is not None:
+        return
+    name = s.score_name
+    score = s.ckpt.tensors.get(name)
+    if score is None or len(score.shape) != 2:
+        return  # RM010 / RM011
+    bias_name = name[: -len("weight")] + "bias"
+    bias = s.ckpt.tensors.get(bias_name)
+    if bias is None:
+        yield s.finding("RM170", s.weights_file, bias_name, f"no shard holds {bias_name}")
+    elif bias.shape != (score.shape[0],):
+        yield s.finding("RM171", bias.path.name, bias_name, f"{list(bias.shape)}; expected [{score.shape[0]}]")
+    value = s.config.get("classifier_dropout")
+    if value is None:
+        value = s.config.get("hidden_dropout")
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value):
+        yield s.finding("RM172", CONFIG, "/classifier_dropout", "not set (0.1)" if value is None else f"{value}")
+
+
+def step_tag(s: Subject) -> Iterator[Finding]:
+    """A PRM's step tag: one token of the vocabulary, not the pad or an eos."""
+    tag = s.config.get("step_tag_id")
+    if tag is None:
+        return
+    vocab = s.text_config.get("vocab_size")
+    size = len(s.tokenizer) if s.tokenizer is not None else vocab
+    limit = min((x for x in (size, vocab) if type(x) is int), default=None)
+    if type(tag) is not int or tag < 0 or (limit is not None and tag >= limit):
+        yield s.finding("RM173", CONFIG, "/step_tag_id", f"{tag!r}; the vocabulary has {size} tokens")
+        return
+    if s.tokenizer is None:
+        return
+    if tag == s.text_config.get("pad_token_id") or tag in eos_ids(s.config, s.generation_config, s.tokenizer):
+        role = "the pad" if tag == s.text_config.get("pad_token_id") else "an eos"
+        yield s.finding("RM174", CONFIG, "/step_tag_id", f"{tag} is {role}")
+
+
 #: The static checks, in report order.
 STATIC = (
     known_architecture,
@@ -269,7 +428,10 @@ STATIC = (
     remote_code,
     openrlhf,
     value_head,
+    head_kind,
     head,
+    consumer_fit,
+    reward_token,
     embedding,
     tokenizer_files,
     vocabulary,
@@ -281,4 +443,6 @@ STATIC = (
     problem_type,
     policy_vocabulary,
     vision_language,
+    token_head,
+    step_tag,
 )

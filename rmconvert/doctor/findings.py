@@ -6,6 +6,7 @@ module; :mod:`rmconvert.doctor.validation` runs them. The dependency runs one wa
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -15,7 +16,9 @@ from ..engine.pad import NEW_PAD, PadChoice, choose_pad
 from ..errors import CheckpointError, summary
 from ..families.architecture import Architecture
 from ..families.host import Registry
-from ..families.layout import Layout
+from ..families.layout import Head, HeadError, Layout, find_head
+from ..families.modeling import is_kept
+from ..families.target import PROCESS_REWARD_CLASSES, TOKEN, class_of_config, task_of_config
 from ..sources.checkpoint import Checkpoint, text_config
 from ..sources.tokenizer_files import TokenizerFiles
 
@@ -65,7 +68,7 @@ CODES = {
             "fix what the message names, or report it to the check's plugin",
         ),
         Code("RM010", ERROR, "no score head", FIX),
-        Code("RM011", ERROR, "score.weight is not [1 or 2, hidden_size]", "retrain or re-export the head"),
+        Code("RM011", ERROR, "score.weight is not [N, hidden_size]", "retrain or re-export the head"),
         Code(
             "RM012",
             ERROR,
@@ -141,15 +144,17 @@ CODES = {
         Code(
             "RM070",
             ERROR,
-            "the vocabulary differs from the policy's (token -> id): a value model made from the reward model"
-            " reads the policy's ids as other tokens",
-            "rmconvert convert SFT-CHECKPOINT DST --pad-token existing (keeps the policy's vocabulary)",
+            "the vocabulary differs from the policy's (token -> id): a model fed the policy's token ids (a critic or"
+            " value model in verl, OpenRLHF or open-instruct) reads them as other tokens",
+            "rmconvert convert SFT-CHECKPOINT DST --head value (or --pad-token existing: keeps the policy's vocabulary)",
         ),
         Code(
             "RM071",
             ERROR,
-            "the embedding has fewer rows than the policy's tokenizer has ids",
-            "rmconvert convert SFT-CHECKPOINT DST --pad-token existing, from a checkpoint with the policy's tokenizer",
+            "the embedding has fewer rows than the policy's tokenizer has ids: a critic or value model fed the"
+            " policy's ids indexes past it",
+            "rmconvert convert SFT-CHECKPOINT DST --head value (or --pad-token existing), from a checkpoint with the"
+            " policy's tokenizer",
         ),
         Code(
             "RM100", ERROR, "loading reports missing keys (randomly initialised)", "check the checkpoint's tensor names"
@@ -234,6 +239,73 @@ CODES = {
             "a tensor merged from the LoRA adapter differs from a fresh merge (PEFT's merge_and_unload)",
             "convert again from the base and the adapter (rmconvert convert BASE DST --adapter ADAPTER)",
         ),
+        Code(
+            "RM150",
+            ERROR,
+            "the reward head is not one transformers' sequence classifier loads (renamed, gated, MLP or read at a"
+            " reward token): a plain loader gives a random or wrong head",
+            "{convert}",
+        ),
+        Code(
+            "RM151",
+            ERROR,
+            "the reward head cannot be told: several heads, or a head tensor of an unknown shape",
+            "keep one head (remove the other head's tensors) or re-export the checkpoint",
+        ),
+        Code(
+            "RM152",
+            WARNING,
+            "consumers read different columns of a multi-row head: TRL's GRPO and RLOO read logits[:, 0], HALOs"
+            " logits[:, 1], vLLM returns every column",
+            "rmconvert convert {path} {fixed} (1 label, the column every consumer reads; from N labels add"
+            " --objective NAME|k or --weights c1,...,cN)",
+        ),
+        Code(
+            "RM153",
+            ERROR,
+            "reward_token_id (the token a token-triggered reward model reads its reward at) is not a single token"
+            " of the vocabulary distinct from the pad",
+            "set reward_token_id to the reward token's id (InternLM2: 92527), a token of tokenizer.json that is not"
+            " the pad",
+        ),
+        Code(
+            "RM170",
+            ERROR,
+            "a token classifier (value model, PRM) has no head bias: transformers initialises it at random",
+            "rmconvert convert SRC DST --head value (or --head prm): writes score.bias",
+        ),
+        Code("RM171", ERROR, "the token classifier's head bias is not [labels]", "re-export the head"),
+        Code(
+            "RM172",
+            WARNING,
+            "classifier_dropout is not 0: a token classifier then drops out before its head in training"
+            " (0.1 when neither classifier_dropout nor hidden_dropout is set)",
+            "set classifier_dropout to 0.0 in config.json (rmconvert convert writes it)",
+        ),
+        Code(
+            "RM173",
+            ERROR,
+            "step_tag_id is not a token of the vocabulary (a PRM's score is read at it)",
+            "rmconvert convert SRC DST --head prm --step-separator TEXT, TEXT one token",
+        ),
+        Code(
+            "RM174",
+            ERROR,
+            "step_tag_id is the pad or an eos: a step's score would be read at padding or the end of the text",
+            "choose a step separator of its own (rmconvert convert SRC DST --head prm --step-separator TEXT)",
+        ),
+        Code(
+            "RM175",
+            ERROR,
+            "per-token scores of a padded batch differ from the same sequences one by one at a non-pad position",
+            "check pad_token_id and the attention mask",
+        ),
+        Code(
+            "RM176",
+            ERROR,
+            "per-token scores differ from the source's head applied to its hidden states (under the head rules)",
+            "convert again from the source",
+        ),
     )
 }
 
@@ -286,8 +358,25 @@ class Subject:
         return self.layout.hidden_size if self.layout is not None else self.text_config.get("hidden_size")
 
     @property
+    def per_token(self) -> bool:
+        """Whether it is a token classifier (a value model, a PRM), by config.json ``architectures``."""
+        return task_of_config(self.config) == TOKEN
+
+    @property
+    def kept_mlp(self):
+        """The MLP head a kept class holds (per token: Qwen2ForProcessRewardModel; a reward model: the
+        ``score_inner_size`` of Qwen2ForRewardModel, ...), else None."""
+        head = self.layout.head if self.layout is not None else None
+        if head is None or head.kind != "mlp":
+            return None
+        return head if class_of_config(self.config) in PROCESS_REWARD_CLASSES or is_kept(self.config) else None
+
+    @property
     def score_name(self) -> str:
-        """The reward head the family's sequence classifier loads (``score.weight`` unless the plugin says so)."""
+        """The reward head the family's classifier loads (``score.weight`` unless the plugin says so)."""
+        if self.per_token and self.architecture is not None:
+            with contextlib.suppress(Exception):  # transformers lacks the family: the sequence classifier's name
+                return self.architecture.score_name(self.ckpt.model_type, TOKEN)
         return self.layout.score if self.layout is not None else "score.weight"
 
     @property
@@ -325,11 +414,61 @@ class Subject:
             names["head"] = self._head_option()
         if "{pad}" in hint:
             names["pad"], names["pad_why"] = self._new_pad()
+        if "{convert}" in hint:
+            names["convert"] = self._convert_command()
         if self.repo is None:
-            return {**names, "path": str(self.path), "fixed": f"{self.path}-fixed"}
+            return self._filled({**names, "path": str(self.path), "fixed": f"{self.path}-fixed"})
         repo_id, revision = self.repo
         named = f"{repo_id} --revision {revision}" if revision else repo_id
-        return {**names, "path": named, "fixed": f"{repo_id.split('/')[-1]}-fixed"}
+        return self._filled({**names, "path": named, "fixed": f"{repo_id.split('/')[-1]}-fixed"})
+
+    @staticmethod
+    def _filled(names: dict[str, str]) -> dict[str, str]:
+        """``{convert}`` names the path and the fixed directory too."""
+        if "convert" in names:
+            names["convert"] = names["convert"].format(path=names["path"], fixed=names["fixed"])
+        return names
+
+    @cached_property
+    def head(self) -> Head | None:
+        """The source's reward head as the engine sees it (found by names and shapes without an architecture);
+        None when there is none or it cannot be told (RM151)."""
+        if self.layout is not None:
+            return self.layout.head
+        try:
+            return find_head(self.ckpt, self.score_name)
+        except HeadError:
+            return None
+
+    @property
+    def head_error(self) -> HeadError | None:
+        if self.layout is not None:
+            return self.layout.error if isinstance(self.layout.error, HeadError) else None
+        try:
+            find_head(self.ckpt, self.score_name)
+        except HeadError as exc:
+            return exc
+        return None
+
+    def _convert_command(self) -> str:
+        """The command that makes the head found a standard reward model (or why there is none)."""
+        head = self.head
+        fix = "rmconvert convert {path} {fixed}"
+        if head is None:
+            return fix
+        if head.refused:
+            return f"none exact ({head.refused}): retrain with do_normalize false, or score with safe-rlhf"
+        if head.rule == "trigger":
+            return (
+                "keep it: serve it with vLLM or sglang (InternLM2ForRewardModel) and append reward_token_id to every"
+                " input (rmconvert validate checks the token)"
+            )
+        if head.rule == "gated":
+            return fix + " --objective NAME|k (one objective; without it, every objective as a label)"
+        if head.rule == "kept":
+            return fix + " (keeps the MLP head: rmconvert's class, Qwen2ForRewardModel for Qwen2)"
+        extra = " (negates the cost head)" if head.negate else ""
+        return fix + (" --label-names NAME,..." if (head.objectives(self.ckpt) or 1) > 2 else "") + extra
 
     def _head_option(self) -> str:
         """``--head bt`` for a 2-label reward model (convert's default, scalar, would make it 1-label), else none."""

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..engine.lora_merge import TORCH_DTYPES, read_range, read_tensor
+from ..engine.merge import HEAD
 from ..engine.pad import token_ids
 from ..errors import CheckpointError, summary
 from ..families.architecture import Architecture
@@ -45,6 +46,16 @@ def _load(subject: Subject, path: Path, causal: bool = False, composite: bool = 
 
 
 def _probe_ids(s: Subject, vocab_size: int) -> tuple[list[list[int]], int | None]:
+    """The probes of :func:`_text_probe_ids`, each ending with ``reward_token_id`` for a token-triggered reward
+    model (InternLM2 reads its reward there, and asserts the token ends the input)."""
+    ids, pad = _text_probe_ids(s, vocab_size)
+    trigger = s.config.get("reward_token_id")
+    if type(trigger) is int and 0 <= trigger < vocab_size:
+        ids = [row if row[-1] == trigger else [*row, trigger] for row in ids]
+    return ids, pad
+
+
+def _text_probe_ids(s: Subject, vocab_size: int) -> tuple[list[list[int]], int | None]:
     """Token ids of the probe texts and the pad id, from the reward model's tokenizer (as a user's batches are
     padded); ids drawn from the vocabulary and no pad when the tokenizer cannot load or encode them (a
     word-level tokenizer without an unknown token, ...)."""
@@ -129,11 +140,15 @@ def loaded(s: Subject) -> Iterator[Finding]:
     if not 0 <= pad < rows:
         return  # RM031 or RM022 of the static checks
     with torch.no_grad():
-        alone = torch.cat([model(torch.tensor([ids]), **accepted(model, use_cache=False)).logits for ids in singles])
+        alone_tokens = [model(torch.tensor([ids]), **accepted(model, use_cache=False)).logits for ids in singles]
+        alone = torch.cat(alone_tokens) if alone_tokens[0].dim() == 2 else None
         for side in ("right",) if s.right_padding_only else ("right", "left"):
             input_ids, attention_mask = _padded(singles, pad, side)
             options = accepted(model, position_ids=positions(attention_mask), use_cache=False)
             batched = model(input_ids=input_ids, attention_mask=attention_mask, **options).logits
+            if batched.dim() == 3:  # a token classifier: every non-pad position
+                yield from _per_token_padded(s, batched, attention_mask, alone_tokens, side, _tolerance(model.dtype))
+                continue
             if not torch.allclose(batched, alone, atol=_tolerance(model.dtype), rtol=_tolerance(model.dtype)):
                 worst = (batched - alone).abs().max().item()
                 yield s.finding("RM110", "config.json", "/pad_token_id", f"{side}-padded: off by {worst:.3g}")
@@ -162,6 +177,19 @@ def _image_probes(s: Subject, model, pad: int) -> Iterator[Finding]:
         other = with_image_of(singles[0], image_sample(model, s.ckpt.model_type, seed=7, text=text[:5]))
         if torch.equal(model(**other, **accepted(model, use_cache=False)).logits, alone[:1]):
             yield s.finding("RM136", s.weights_file, "", "two different images give the same reward")
+
+
+def _per_token_padded(s: Subject, batched, attention_mask, alone: list, side: str, tol: float) -> Iterator[Finding]:
+    """RM175 when a token classifier's scores in a padded batch differ from one by one at a non-pad position."""
+    import torch
+
+    worst = 0.0
+    for row, single in enumerate(alone):
+        kept = batched[row][attention_mask[row].bool()]
+        if kept.shape != single[0].shape or not torch.allclose(kept, single[0], atol=tol, rtol=tol):
+            worst = max(worst, (kept - single[0]).abs().max().item() if kept.shape == single[0].shape else float("inf"))
+    if worst:
+        yield s.finding("RM175", "config.json", "/pad_token_id", f"{side}-padded: off by {worst:.3g}")
 
 
 def _reinitialised(s: Subject, model) -> Iterator[Finding]:
@@ -202,7 +230,71 @@ def _merged(s: Subject, src, adapter: Path | None) -> dict:
     from ..engine.merge import plan_merge
     from ..sources.adapter import read_adapter
 
-    return plan_merge(read_adapter(adapter), src, (s.architecture or Architecture()).layout(src)).parts
+    merge = plan_merge(read_adapter(adapter), src, (s.architecture or Architecture()).layout(src))
+    parts = dict(merge.parts)
+    if merge.head == "adapter":  # the head the adapter saved whole (modules_to_save), compared by the head rules
+        parts[HEAD] = merge.checkpoint.tensors[HEAD]
+    return parts
+
+
+def _head_rule_findings(s: Subject, src, src_layout) -> list[Finding]:
+    """RM123 when the reward model's head is not what the head rule of the source's head kind (docs/heads.md) makes
+    of it, with the options recorded in the reward model's rmconvert.json: compared byte for byte, for the heads
+    engine/rules.py writes (the 1- and 2-row heads of before are compared by rewards under ``--load``)."""
+    from ..engine.merge import tensor_bytes
+    from ..engine.options import HEAD_RULE_OPTIONS, Options
+    from ..engine.rules import plan_head
+    from ..sources.checkpoint import read_json
+    from ..sources.tokenizer_files import TokenizerFiles
+
+    manifest = read_json(s.path / "rmconvert.json", required=False) or {}
+    recorded = manifest.get("options") or {}
+    given = {k: recorded[k] for k in (*HEAD_RULE_OPTIONS, "head") if recorded.get(k) is not None}
+    hidden = src_layout.hidden_size
+    try:
+        options = Options(**given)
+        rule = plan_head(src, src_layout.require(), options, hidden, TokenizerFiles.read(src.path))
+    except Exception:  # noqa: BLE001 (a source convert refuses has no head rule to compare with)
+        return []
+    findings = []
+    for expected in rule.tensors if rule is not None else ():
+        ours = s.ckpt.tensors.get(expected.name)
+        if ours is None:
+            findings.append(s.finding("RM121", s.weights_file, expected.name, "the head, not in the reward model"))
+        elif ours.dtype != expected.dtype:
+            findings.append(s.finding("RM124", ours.path.name, ours.name, f"{expected.dtype} -> {ours.dtype}"))
+        elif ours.shape != expected.shape or read_range(ours.path, ours.offset, ours.nbytes) != tensor_bytes(expected):
+            findings.append(
+                s.finding(
+                    "RM123", ours.path.name, ours.name, f"differs from the source's head by its rule ({rule.how})"
+                )
+            )
+    return findings
+
+
+def _head_findings(s: Subject, ours: TensorInfo, theirs: TensorInfo) -> list[Finding]:
+    """RM125 unless the reward model's head is the adapter's (modules_to_save) under the head rules: the same rows,
+    ``[zeros; w]`` from one row, row 1 or row 1 - row 0 from two."""
+    from ..dtypes import decode, encode
+
+    if ours.dtype != theirs.dtype:
+        return [s.finding("RM124", ours.path.name, ours.name, f"{theirs.dtype} -> {ours.dtype}")]
+    row = lambda t, i: bytes(read_range(t.path, t.offset + i * t.row_bytes, t.row_bytes))
+    if len(ours.shape) == 2 and ours.shape[1:] == theirs.shape[1:] and len(theirs.shape) == 2:
+        mine = [row(ours, i) for i in range(ours.shape[0])]
+        given = [row(theirs, i) for i in range(theirs.shape[0])]
+        if mine == given:
+            return []
+        if len(given) == 1 and len(mine) == 2 and mine[1] == given[0] and not any(mine[0]):
+            return []
+        if len(given) == 2 and len(mine) == 1:
+            difference = encode(
+                decode(given[1], theirs.dtype).astype("f8") - decode(given[0], theirs.dtype), ours.dtype
+            )
+            if mine[0] in (given[1], difference):
+                return []
+    what = f"{list(theirs.shape)} in the adapter, {list(ours.shape)} here"
+    return [s.finding("RM125", ours.path.name, ours.name, f"differs from the adapter's head (modules_to_save): {what}")]
 
 
 def _merged_findings(s: Subject, ours: TensorInfo, expected) -> list[Finding]:
@@ -231,9 +323,10 @@ def against_source(
         return [Finding("RM001", "error", str(exc.path), "", f"source: {exc.message}", CODES["RM001"].hint)]
     tables = set(s.layout.vocab_tables) if s.layout and s.layout.error is None else set()
     findings = []
-    # what the conversion left out of the backbone (the LM head, the head it replaced), as the engine decides it
+    # what the conversion left out of the backbone (the LM head, the head it replaced), as the engine decides it,
+    # and the names it wrote the rest under (a transformer.* backbone, a Qwen2-VL language model)
     src_layout = (s.architecture or Architecture()).layout(src)
-    dropped, renamed = src_layout.dropped, src_layout.renamed  # the names the engine wrote them under
+    dropped, renamed = src_layout.dropped, src_layout.renamed
     for name, theirs in sorted(src.tensors.items()):
         if name in dropped:
             continue
@@ -250,24 +343,100 @@ def against_source(
             ours, theirs, theirs.nbytes if ours.name not in tables else min(ours.nbytes, theirs.nbytes)
         ):
             findings.append(s.finding("RM120", ours.path.name, name, "bytes differ"))
-    if load and not findings and not merged:
-        findings += _compare_outputs(s, src)
+    if not merged:
+        findings += _head_rule_findings(s, src, src_layout)
+    for name in sorted(set(merged) - set(src.tensors)):  # what only the adapter holds: its head
+        ours = s.ckpt.tensors.get(name)
+        if ours is None:
+            findings.append(s.finding("RM121", str(adapter), name, "in the adapter, not in the reward model"))
+        else:
+            findings += _head_findings(s, ours, merged[name])
+    # a backbone under an alias prefix loads only as the reward model; a VLM's renames are the generation class's own
+    aliased = renamed and not isinstance(src.config.get("vision_config"), dict)
+    if load and not findings and not merged and not aliased:
+        findings += _compare_per_token(s, src) if s.per_token else _compare_outputs(s, src)
     return findings
 
 
-def _value_head_weight(src, score: str):
-    """A TRL value head's weight [1, H] as a float32 tensor (its bias is what the conversion drops), or None
-    when the conversion took another head (``score``, the architecture's, or OpenRLHF's)."""
+def _float_tensor(info: TensorInfo):
+    """A tensor's values as float32."""
     import torch
 
     from ..dtypes import decode
 
+    raw = bytes(read_range(info.path, info.offset, info.nbytes))
+    return torch.from_numpy(decode(raw, info.dtype).astype("float32")).reshape(info.shape)
+
+
+def _value_head_weight(src, score: str, with_bias: bool = False):
+    """A TRL value head's weight [1, H] as a float32 tensor (its bias is what the conversion drops), or None
+    when the conversion took another head (``score``, the architecture's, or OpenRLHF's); with ``with_bias``,
+    (weight, bias or None), the bias a token classifier keeps."""
     head = find_head(src, score)
     if head is None or head.kind != "value":
         return None
-    info = src.tensors[head.weight]
-    raw = bytes(read_range(info.path, info.offset, info.nbytes))
-    return torch.from_numpy(decode(raw, info.dtype).astype("float32")).reshape(info.shape)
+    weight = _float_tensor(src.tensors[head.weight])
+    if not with_bias:
+        return weight
+    return weight, _float_tensor(src.tensors[head.bias]) if head.bias else None
+
+
+def _per_token_source(s: Subject, src, theirs, hidden):
+    """The source's head applied to its hidden states ``hidden`` [T, H] at every token, or None for a causal LM
+    (the head is new): a value head's ``v_head.summary`` with its bias, a reward model's (or PRM's) own head."""
+    import torch
+
+    value = _value_head_weight(src, s.score_name, with_bias=True)
+    if value is not None:
+        weight, bias = value
+        out = hidden.float() @ weight.T
+        return out + bias if bias is not None else out
+    head = find_head(src, (s.architecture or Architecture()).layout(src).score)
+    if head is not None and head.kind == "mlp" and s.kept_mlp is not None:  # Linear, ReLU, Linear
+        layers = sorted({n.rsplit(".", 1)[0] for n in head.tensors})
+        out = hidden.float()
+        for i, layer in enumerate(layers):
+            weight, bias = (_float_tensor(src.tensors[f"{layer}.{p}"]) for p in ("weight", "bias"))
+            out = out @ weight.T + bias
+            out = out.relu() if i < len(layers) - 1 else out
+        return out
+    if head is None or head.kind not in ("score", "openrlhf"):
+        return None
+    weight = _float_tensor(src.tensors[head.weight])
+    out = hidden.float() @ weight.T
+    return out + _float_tensor(src.tensors[head.bias]) if head.bias else torch.as_tensor(out)
+
+
+def _compare_per_token(s: Subject, src) -> list[Finding]:
+    """A token classifier against its source: hidden states equal, and per-token logits equal to the source's
+    head applied to them, under the head rules (in float32, up to the dtype's tolerance)."""
+    import torch
+
+    source_is_rm = find_head(src, (s.architecture or Architecture()).layout(src).score) is not None
+    try:
+        ours, _ = _load(s, s.path)
+        theirs, _ = _load(s, src.path, causal=not source_is_rm or s.score_name not in src.tensors)
+    except Exception as exc:  # noqa: BLE001 (whatever transformers raises is the finding)
+        return [_load_failed(s, exc)]
+    for model in (ours, theirs):
+        model.eval()
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone()
+    singles = [torch.tensor([ids]) for ids in _probe_ids(s, ours.get_input_embeddings().num_embeddings)[0]]
+    with torch.no_grad():
+        for ids in singles:
+            out = ours(ids, output_hidden_states=True, **accepted(ours, use_cache=False))
+            b = theirs(ids, output_hidden_states=True, **accepted(theirs, use_cache=False)).hidden_states[-1]
+            if not torch.equal(out.hidden_states[-1], b):
+                diff = (out.hidden_states[-1].float() - b.float()).abs().max().item()
+                return [s.finding("RM122", s.weights_file, "", f"max difference {diff:.3g}")]
+            expected = _per_token_source(s, src, theirs, b[0])
+            if expected is not None and not _rewards_agree(out.logits[0].float(), expected, _tolerance(ours.dtype)):
+                worst = "shapes differ"
+                if out.logits[0].shape == expected.shape:
+                    worst = f"off by {(out.logits[0].float() - expected).abs().max().item():.3g}"
+                return [s.finding("RM176", s.weights_file, s.score_name, worst)]
+    return []
 
 
 def _compare_outputs(s: Subject, src) -> list[Finding]:
@@ -307,7 +476,11 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
                 )
         if source_is_rm:
             r_ours = torch.cat([ours(ids, **accepted(ours, use_cache=False)).logits for ids in singles])
-            r_theirs = torch.cat([theirs(ids, **accepted(theirs, use_cache=False)).logits for ids in singles])
+            r_theirs = [theirs(ids, **accepted(theirs, use_cache=False)).logits for ids in singles]
+            r_theirs = torch.cat([r[:, -1] if r.dim() == 3 else r for r in r_theirs])  # a PRM: its last token
+            source_head = find_head(src, s.score_name)
+            if source_head is not None and source_head.bias:  # a token classifier's bias, which ours cannot hold
+                r_theirs = r_theirs - _float_tensor(src.tensors[source_head.bias]).to(r_theirs.dtype)
             if not _rewards_agree(r_ours, r_theirs, _tolerance(ours.dtype)):
                 findings.append(s.finding("RM123", s.weights_file, s.score_name, "rewards disagree"))
     return findings

@@ -126,3 +126,29 @@ def score_parts(
         return (row(existing, 1),), "row 1 of the 2-label head (the row HALOs trains)"
     difference = Computed(partial(row_difference, existing, dtype), row_bytes)
     return (difference,), "row 1 - row 0 of the 2-label head (softmax-trained classifier)"
+
+
+def _bias_difference(info: TensorInfo) -> bytes:
+    """``b[1] - b[0]`` of a 2-element bias, as its dtype."""
+    with open(info.path, "rb") as f:
+        values = decode(os.pread(f.fileno(), info.nbytes, info.offset), info.dtype).astype("f8")
+    return encode(values[1:] - values[:1], info.dtype)
+
+
+def bias_parts(head_bias: TensorInfo | None, labels: int, dtype: str, from_bt: str) -> tuple[tuple, str, str]:
+    """The bytes of a token classifier's ``score.bias`` ``[labels]`` as parts, their dtype, and how they were
+    made, by the rule :func:`score_parts` applies to the weight: the source head's bias copied (a value head's
+    ``[b]``; as ``[0, b]`` under a 2-label head, so that ``logit_1 - logit_0`` is the value; a 2-label bias's
+    entry 1, or ``b1 - b0``, under 1 label), else zeros."""
+    if head_bias is None:
+        return (bytes(labels * DTYPE_BITS[dtype] // 8),), dtype, "zeros"
+    size = head_bias.nbytes // head_bias.shape[0]
+    kept = tuple(ByteRange(head_bias.path, head_bias.offset + i * size, size) for i in range(head_bias.shape[0]))
+    name, rows = head_bias.name, head_bias.shape[0]
+    if rows == labels:
+        return kept, head_bias.dtype, f"{name} as it is"
+    if labels == 2:
+        return (bytes(size), *kept), head_bias.dtype, f"{name} b as [0, b]"
+    if from_bt == "row1":
+        return kept[1:], head_bias.dtype, f"entry 1 of {name}"
+    return (Computed(partial(_bias_difference, head_bias), size),), head_bias.dtype, f"b1 - b0 of {name}"

@@ -37,12 +37,12 @@ def _plan_shards(
     ckpt: Checkpoint,
     dropped: set[str],
     replaced: dict[str, OutTensor],
-    score: OutTensor,
+    heads: list[OutTensor],
     options: Options,
     renamed: dict[str, str] | None = None,
 ) -> tuple[dict[str, Header | list[OutTensor]], dict | None]:
-    """The output shards (a source shard to copy whole, or the tensors to assemble) and the index; a tensor of
-    ``renamed`` is written under its new name (its shard is then assembled: the header changes)."""
+    """The output shards (a source shard to copy whole, or the tensors to assemble) and the index; ``heads`` (the
+    score, or an MLP head's tensors) join one shard, ``renamed`` tensors are written under their new names."""
     renamed = renamed or {}
     target = TORCH_NAMES[options.dtype] if options.dtype else None
     grouped: list[list[OutTensor]] = []
@@ -67,7 +67,7 @@ def _plan_shards(
     home = next((i for i, c in enumerate(changed) if c and grouped[i]), len(grouped) - 1)
     while not grouped[home] and home > 0:
         home -= 1
-    grouped[home].append(score.as_dtype(target) if target else score)
+    grouped[home] += [head.as_dtype(target) if target else head for head in heads]
     changed[home] = True
 
     if options.max_shard_size:

@@ -10,13 +10,13 @@ import signal
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 from .. import __version__
 from ..errors import CheckpointError
-from ..families.schema import schema_errors
+from ..families.schema import config_schema, schema_errors
 from ..io.hashing import sha256
 from ..io.output import FILE_MODE, sync_file, write_file
 from ..io.safetensors import ByteRange, Header, OutTensor, layout, write_parts
@@ -66,12 +66,12 @@ def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
             "distribution": entry.distribution,
             "version": entry.version,
         },
-        "options": {k: v for k, v in asdict(options).items() if k != "text_only" or v},
+        "options": options.recorded(),
         **({"source_repo": origin} if (origin := snapshot_origin(plan.checkpoint.path)) else {}),
         "source_files": hashes,
         "result": {
             k: plan.report[k]
-            for k in ("class", "source_kind", "head", "pad", "vocab", "dtype", "dropped", "value_head")
+            for k in ("class", "target", "source_kind", "head", "pad", "vocab", "dtype", "dropped", "value_head")
             if k in plan.report
         },
         **({"adapter": plan.report["adapter"]} if "adapter" in plan.report else {}),
@@ -80,7 +80,7 @@ def _manifest(plan: Plan, options: Options, hashes: dict[str, str]) -> dict:
 
 def _check_config(plan: Plan, stop=None) -> None:
     """The output config must satisfy the architecture's JSON schema."""
-    schema = plan.registered.architecture.schema
+    schema = config_schema(plan.registered.architecture, plan.json_files["config.json"])
     problems = schema_errors(plan.json_files["config.json"], schema)
     if problems:
         raise CheckpointError(

@@ -8,7 +8,8 @@ from pathlib import Path
 from .. import schemas
 from ..errors import CheckpointError
 from ..sources.checkpoint import text_config
-from .layout import Layout, describe
+from .layout import Layout, aliased_view, backbone_alias, describe, from_view
+from .target import SEQUENCE, TOKEN
 
 #: Special tokens that serve as a pad when a tokenizer already carries one (Llama 3.1, OLMo 2, OLMoE, ...).
 PAD_TOKENS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]")
@@ -40,6 +41,8 @@ class Architecture:
     model_types: tuple[str, ...] = ()
     #: Class name written to config.json ``architectures``; None asks transformers' mapping.
     sequence_classification_class: str | None = None
+    #: Class name of the token classifier (``--head value`` / ``prm``); None asks transformers' mapping.
+    token_classification_class: str | None = None
     #: The input embedding tensor, whose rows are the vocabulary.
     embedding: str = "model.embed_tokens.weight"
     #: The reward head of the sequence-classification class: ``[1 or 2, hidden_size]``, no bias.
@@ -67,16 +70,28 @@ class Architecture:
         """Whether this architecture converts checkpoints of ``model_type``."""
         return model_type in self.model_types
 
-    def class_name(self, model_type: str) -> str:
-        """The sequence-classification class name for config.json ``architectures``."""
+    def class_name(self, model_type: str, task: str = SEQUENCE) -> str:
+        """The class name for config.json ``architectures``: the sequence classifier, or with ``task="token"``
+        the token classifier (rmconvert.families.target)."""
+        if task == TOKEN:
+            if self.token_classification_class:
+                return self.token_classification_class
+            from .modeling import token_classification_class_name
+
+            return token_classification_class_name(model_type)
         if self.sequence_classification_class:
             return self.sequence_classification_class
         from .modeling import sequence_classification_class_name
 
         return sequence_classification_class_name(model_type)
 
-    def score_name(self, model_type: str) -> str:
-        """Name of the reward head tensor the sequence-classification class of ``model_type`` loads."""
+    def score_name(self, model_type: str, task: str = SEQUENCE) -> str:
+        """Name of the head's weight the class of ``model_type`` for ``task`` loads (its bias: ``.bias`` in place
+        of ``.weight``, for a token classifier)."""
+        if task == TOKEN and not self.token_classification_class:
+            from .modeling import token_score_name
+
+            return token_score_name(model_type)
         return self.score
 
     def embedding_name(self, ckpt) -> str:
@@ -97,7 +112,15 @@ class Architecture:
         """What every tensor of ``ckpt`` is (:class:`rmconvert.families.layout.Layout`), computed once per
         checkpoint; the engine, ``validate`` and the LoRA planner read only this. The default describes the
         checkpoint with :meth:`embedding_name`, :meth:`dropped`, :meth:`score_name` and :meth:`hidden_size`:
-        override those for an odd layout, or this method to compute everything at once."""
+        override those for an odd layout, or this method to compute everything at once. A backbone saved under an
+        alias prefix (:data:`rmconvert.families.layout.ALIASES`) is described under the family's names and written
+        under them (``renamed``)."""
+        names = backbone_alias(ckpt, self.embedding)
+        if names:
+            return from_view(self._described(aliased_view(ckpt, names)), names)
+        return self._described(ckpt)
+
+    def _described(self, ckpt) -> Layout:
         lm_head = {n for n in ckpt.tensors if n.startswith(self.lm_head_prefixes)}
         try:
             embedding, outside = self.embedding_name(ckpt), self.dropped(ckpt)
@@ -115,10 +138,13 @@ class Architecture:
     def output_config(self, config: dict) -> None:
         """Adjust the reward model's config.json in place, after the engine's own changes (default: none)."""
 
-    def register_with_transformers(self, model_type: str) -> type:
-        """Make ``AutoModelForSequenceClassification`` load ``model_type``; returns the class."""
-        from .modeling import register_sequence_classification_class
+    def register_with_transformers(self, model_type: str, task: str = SEQUENCE) -> type:
+        """Make ``AutoModelForSequenceClassification`` (``AutoModelForTokenClassification`` with ``task="token"``)
+        load ``model_type``; returns the class."""
+        from .modeling import register_sequence_classification_class, register_token_classification_class
 
+        if task == TOKEN:
+            return register_token_classification_class(model_type, self.class_name(model_type, TOKEN))
         return register_sequence_classification_class(model_type, self.class_name(model_type))
 
     def __repr__(self) -> str:

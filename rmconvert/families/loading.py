@@ -6,19 +6,29 @@ from pathlib import Path
 
 from ..sources.checkpoint import read_config
 from .host import Registry, load_registry
+from .target import AUTO_CLASS, task_of_config
 
 
 def register_classes(path: str | Path, registry: Registry | None = None) -> type:
-    """Make ``AutoModelForSequenceClassification`` load the checkpoint at ``path``; returns its class."""
+    """Make ``AutoModelForSequenceClassification`` (``AutoModelForTokenClassification`` for a value model or a
+    PRM) load the checkpoint at ``path``; returns its class."""
     config = read_config(Path(path))
     registered = (registry or load_registry()).resolve(config["model_type"], "auto", Path(path) / "config.json")
-    return registered.architecture.register_with_transformers(config["model_type"])
+    return registered.architecture.register_with_transformers(config["model_type"], task_of_config(config))
 
 
 def load_reward_model(path: str | Path, **kwargs):
     """``AutoModelForSequenceClassification.from_pretrained(path, **kwargs)`` after registering the
-    sequence-classification class the checkpoint's architecture plugin provides (OLMoE, OLMo 2 on 4.x, ...)."""
-    from transformers import AutoModelForSequenceClassification
+    sequence-classification class the checkpoint's architecture plugin provides (OLMoE, OLMo 2 on 4.x, ...);
+    ``AutoModelForTokenClassification`` for a token classifier (``--head value`` or ``prm``)."""
+    import transformers
 
-    register_classes(path, kwargs.pop("registry", None))
-    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    from .modeling import kept_class
+
+    config, registry = read_config(Path(path)), kwargs.pop("registry", None)
+    kept = kept_class(config)
+    if kept is not None:  # a kept MLP head: rmconvert's class by name (no auto class holds it)
+        return kept.from_pretrained(path, **kwargs)
+    register_classes(path, registry)
+    auto = getattr(transformers, AUTO_CLASS[task_of_config(config)])
+    return auto.from_pretrained(path, **kwargs)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from ..errors import CheckpointError, summary
+from .target import AUTO_CLASS, PROCESS_REWARD_CLASSES, SEQUENCE, TOKEN, class_of_config, task_of_class
 
 
 def _mappings():
@@ -147,11 +148,12 @@ def backbone_prefix(model_type: str) -> str:
     return _backbone_classes(model_type)[1].base_model_prefix or "model"  # e.g. Llama 4 leaves it empty
 
 
-def build_sequence_classification_class(model_type: str, class_name: str) -> type:
-    """A :class:`ScoreForSequenceClassification` over the family's backbone: ``<prefix>.*`` + ``score``."""
+def build_sequence_classification_class(model_type: str, class_name: str, task: str = SEQUENCE) -> type:
+    """A :class:`ScoreForSequenceClassification` over the family's backbone: ``<prefix>.*`` + ``score``; with
+    ``task="token"`` a :class:`ScoreForTokenClassification` (``score`` with a bias, at every token)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .reward_head import ScoreForSequenceClassification
+    from . import reward_head
 
     _, pretrained = _backbone_classes(model_type)
     # transformers inspects the defining module's source to decide which attention and experts kernels a
@@ -161,10 +163,38 @@ def build_sequence_classification_class(model_type: str, class_name: str) -> typ
         "base_model_prefix": backbone_prefix(model_type),
         "config_class": CONFIG_MAPPING[model_type],
     }
-    return type(class_name, (ScoreForSequenceClassification, pretrained), namespace)
+    return type(class_name, (getattr(reward_head, BUILT_BASE[task]), pretrained), namespace)
 
 
-_BUILT: dict[str, type] = {}
+#: The class rmconvert builds a family's classifier on, per task.
+BUILT_BASE = {SEQUENCE: "ScoreForSequenceClassification", TOKEN: "ScoreForTokenClassification"}
+#: Token-level classes with an MLP head, by the name their checkpoints (and vLLM) give them.
+PROCESS_REWARD_BASE = {name: "ProcessRewardForTokenClassification" for name in PROCESS_REWARD_CLASSES}
+
+_PROCESS_REWARD: dict[tuple[str, str], type] = {}
+
+
+def process_reward_class(model_type: str, class_name: str) -> type:
+    """The class of a kept MLP-head PRM (``Qwen2ForProcessRewardModel``) over the family's backbone. Not
+    registered with an auto class: that would take the family's token classifier's place; loaded by name
+    (:func:`rmconvert.load_reward_model`, or ``--portable``'s auto_map)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from . import reward_head
+
+    if (model_type, class_name) not in _PROCESS_REWARD:
+        _, pretrained = _backbone_classes(model_type)
+        namespace = {
+            "__module__": pretrained.__module__,
+            "base_model_prefix": backbone_prefix(model_type),
+            "config_class": CONFIG_MAPPING[model_type],
+        }
+        base = getattr(reward_head, PROCESS_REWARD_BASE[class_name])
+        _PROCESS_REWARD[model_type, class_name] = type(class_name, (base, pretrained), namespace)
+    return _PROCESS_REWARD[model_type, class_name]
+
+
+_BUILT: dict[tuple[str, str], type] = {}
 
 
 def _generation_key_mapping(model_type: str) -> dict[str, str]:
@@ -194,44 +224,99 @@ def reward_class(model_type: str) -> type:
 def register_sequence_classification_class(model_type: str, class_name: str) -> type:
     """Register a class for ``model_type`` with ``AutoModelForSequenceClassification`` unless transformers' own
     is the reward class (:func:`reward_class_name`); a native class with another head is overridden."""
+    return _register(model_type, class_name, SEQUENCE)
+
+
+def register_token_classification_class(model_type: str, class_name: str) -> type:
+    """Register a class for ``model_type`` with ``AutoModelForTokenClassification`` unless transformers' own is
+    one linear map with a bias (:func:`token_class_name`)."""
+    return _register(model_type, class_name, TOKEN)
+
+
+def _register(model_type: str, class_name: str, task: str) -> type:
     import transformers
-    from transformers import AutoModelForSequenceClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    native = reward_class_name(model_type)
+    native = reward_class_name(model_type) if task == SEQUENCE else token_class_name(model_type)
     if native:
         return getattr(transformers, native)
-    if model_type not in _BUILT:
-        cls = build_sequence_classification_class(model_type, class_name)
+    if (model_type, task) not in _BUILT:
+        cls = build_sequence_classification_class(model_type, class_name, task)
         legacy = _generation_key_mapping(model_type)
         if legacy:  # 4.57: the generation class's renames (LLaVA's released language_model.model.*) load too
             cls._checkpoint_conversion_mapping = legacy
-        config_class = CONFIG_MAPPING[model_type]
-        AutoModelForSequenceClassification.register(config_class, cls, exist_ok=True)
-        _BUILT[model_type] = cls
-    return _BUILT[model_type]
+        getattr(transformers, AUTO_CLASS[task]).register(CONFIG_MAPPING[model_type], cls, exist_ok=True)
+        _BUILT[model_type, task] = cls
+    return _BUILT[model_type, task]
+
+
+def token_class_name(model_type: str) -> str | None:
+    """transformers' own token classifier of ``model_type`` when its head is one linear map with a bias (most
+    families' ``score``, GPT-2's and BLOOM's ``classifier``): the class a value model or PRM fills completely."""
+    names = _mappings().MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES.get(model_type)
+    native = names[0] if isinstance(names, (tuple, list)) else names
+    return native if native and _token_head(model_type, native) else None
+
+
+def _token_head(model_type: str, class_name: str) -> str | None:
+    """``X`` when the token classifier's head is exactly ``X.weight`` and ``X.bias``, else None; a class that
+    cannot be built from its family's default config is trusted, as ``score`` (as :func:`reward_class_name`)."""
+    from .structure import classifier_parameters
+
+    head = classifier_parameters(model_type, class_name)
+    if head is None:
+        return "score"
+    if len(head) == 2 and head[0].endswith(".weight") and head[1] == head[0][: -len("weight")] + "bias":
+        return head[0][: -len(".weight")]
+    return None
+
+
+def token_score_name(model_type: str) -> str:
+    """The weight of the head of the token classifier of ``model_type``: its native head's, else ``score.weight``."""
+    native = token_class_name(model_type)
+    return f"{_token_head(model_type, native)}.weight" if native else "score.weight"
+
+
+def token_classification_class_name(model_type: str) -> str:
+    """The native token classifier (:func:`token_class_name`), else one named after the backbone class:
+    ``<Family>ForTokenClassification``, or ``<Family>ScoreForTokenClassification`` where transformers' class of
+    that name has another head."""
+    native = token_class_name(model_type)
+    if native:
+        return native
+    backbone = _backbone_name(model_type)
+    if not backbone or not backbone.endswith("Model"):
+        raise CheckpointError(f"transformers has no backbone class for model_type {model_type!r}")
+    other = model_type in _mappings().MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
+    return backbone[: -len("Model")] + ("ScoreForTokenClassification" if other else "ForTokenClassification")
 
 
 PORTABLE_MODULE = "modeling_rmconvert"
 
 
 def portable_module(model_type: str, class_name: str) -> str | None:
-    """Source of a modeling file defining ``class_name`` for ``--portable``; None when transformers' own class
-    is the reward class (the checkpoint then needs no code)."""
+    """Source of a modeling file defining ``class_name`` (a sequence or token classifier, by its name) for
+    ``--portable``; None when transformers' own class is the one (the checkpoint then needs no code)."""
     import inspect
 
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from . import reward_head
 
-    if reward_class_name(model_type):
+    task = task_of_class(class_name)
+    # a kept MLP head: Qwen2ForRewardModel (a sequence classifier) or Qwen2ForProcessRewardModel (per token)
+    kept = class_name.endswith("ForRewardModel") and class_name == kept_class_name(model_type)
+    base = "MLPScoreForSequenceClassification" if kept else PROCESS_REWARD_BASE.get(class_name, BUILT_BASE[task])
+    own = reward_class_name if task == SEQUENCE else token_class_name
+    if not kept and class_name not in PROCESS_REWARD_BASE and own(model_type):
         return None
     _, pretrained = _backbone_classes(model_type)
     config = CONFIG_MAPPING[model_type]
     body = inspect.getsource(reward_head).split('"""', 2)[2].lstrip("\n")
-    return f'''"""Written by rmconvert --portable: {class_name}, the reward-model class of {model_type!r}.
+    kind = "reward-model" if task == SEQUENCE else "token-classification"
+    return f'''"""Written by rmconvert --portable: {class_name}, the {kind} class of {model_type!r}.
 
-Load with AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True), or without
+Load with {AUTO_CLASS[task]}.from_pretrained(path, trust_remote_code=True), or without
 remote code through rmconvert.load_reward_model(path).
 """
 
@@ -240,7 +325,7 @@ from {pretrained.__module__} import {pretrained.__name__}  # noqa: E402
 from {config.__module__} import {config.__name__}  # noqa: E402
 
 
-class {class_name}(ScoreForSequenceClassification, {pretrained.__name__}):
+class {class_name}({base}, {pretrained.__name__}):
     base_model_prefix = "{backbone_prefix(model_type)}"
     config_class = {config.__name__}
 '''
@@ -269,3 +354,59 @@ def reward_loading(config: dict) -> tuple[Callable[[str], str], frozenset[str]]:
     from .structure import settings_key
 
     return _reward_build(*settings_key(config))
+
+
+def kept_class_name(model_type: str) -> str:
+    """The class name of a reward model whose MLP head is kept: ``Qwen2ForRewardModel`` for Qwen2 (vLLM and sglang
+    serve it natively), else ``<Family>ForRewardModel``."""
+    if model_type == "qwen2":
+        return "Qwen2ForRewardModel"
+    backbone = _backbone_name(model_type)
+    if not backbone or not backbone.endswith("Model"):
+        raise CheckpointError(f"transformers has no backbone class for model_type {model_type!r}")
+    return backbone[: -len("Model")] + "ForRewardModel"
+
+
+def kept_config(config: dict, heads) -> None:
+    """config.json fields of a kept MLP head: its inner width (``score_inner_size``) and 1 label for vLLM."""
+    config["score_inner_size"] = heads[0].shape[0]
+
+
+def is_kept(config: dict) -> bool:
+    """Whether a config describes a reward model with a kept MLP head (written by rmconvert)."""
+    return type(config.get("score_inner_size")) is int
+
+
+_KEPT: dict[str, type] = {}
+
+
+def build_kept_class(model_type: str) -> type:
+    """A :class:`MLPScoreForSequenceClassification` over the family's backbone (never registered with the Auto
+    classes: a family's own sequence classifier stays what AutoModelForSequenceClassification loads)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .reward_head import MLPScoreForSequenceClassification
+
+    if model_type not in _KEPT:
+        _, pretrained = _backbone_classes(model_type)
+        namespace = {
+            "__module__": pretrained.__module__,
+            "base_model_prefix": backbone_prefix(model_type),
+            "config_class": CONFIG_MAPPING[model_type],
+        }
+        _KEPT[model_type] = type(
+            kept_class_name(model_type), (MLPScoreForSequenceClassification, pretrained), namespace
+        )
+    return _KEPT[model_type]
+
+
+def kept_class(config: dict) -> type | None:
+    """The class of a checkpoint whose MLP head is kept, chosen by its target: ``Qwen2ForProcessRewardModel``
+    (per token, :func:`process_reward_class`) or a kept reward model (``score_inner_size``, :func:`build_kept_class`);
+    None for any other checkpoint."""
+    name = class_of_config(config)
+    if name in PROCESS_REWARD_CLASSES:
+        return process_reward_class(config["model_type"], name)
+    if is_kept(config):
+        return build_kept_class(config["model_type"])
+    return None

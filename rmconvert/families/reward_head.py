@@ -1,4 +1,4 @@
-"""The sequence classifier rmconvert builds for families transformers has none for.
+"""The sequence and token classifiers rmconvert builds for families transformers has none for.
 
 Self-contained (torch and transformers only): ``--portable`` copies this source into the checkpoint.
 """
@@ -7,8 +7,8 @@ import inspect
 
 import torch
 from transformers import AutoModel
-from transformers.modeling_layers import GenericForSequenceClassification
-from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast, TokenClassifierOutput
 
 
 def accepted(module, **kwargs) -> dict:
@@ -34,6 +34,14 @@ def cache_of(outputs):
     return next((getattr(outputs, n) for n in CACHE_FIELDS if n in fields), None)
 
 
+def mark_loaded(model) -> None:
+    """Mark initialised every module whose tensors all loaded (so the family's initialisation skips it)."""
+    for module in model.modules():
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if tensors and all(getattr(t, "_is_hf_initialized", False) for t in tensors):
+            module._is_hf_initialized = True
+
+
 class ScoreForSequenceClassification(GenericForSequenceClassification):
     """A backbone under ``base_model_prefix`` plus ``score`` (no bias), read at the rightmost token that is
     not the pad: transformers' GenericForSequenceClassification, with a forward that also takes backbones
@@ -52,10 +60,7 @@ class ScoreForSequenceClassification(GenericForSequenceClassification):
         """Never over loaded weights: a module whose tensors all loaded is marked initialised before the
         family's initialisation runs, as transformers does for remote code (Youtu's zeroes the embedding's pad
         row through ``.data``, past the flag transformers marks loaded tensors with)."""
-        for module in self.modules():
-            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-            if tensors and all(getattr(t, "_is_hf_initialized", False) for t in tensors):
-                module._is_hf_initialized = True
+        mark_loaded(self)
         super().initialize_weights()
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
@@ -84,3 +89,59 @@ class ScoreForSequenceClassification(GenericForSequenceClassification):
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
+
+
+class MLPScoreForSequenceClassification(ScoreForSequenceClassification):
+    """The same, with Qwen2ForRewardModel's MLP head: ``score = Linear(H, I) -> ReLU -> Linear(I, num_labels)``,
+    both with a bias (``I`` is config ``score_inner_size``, ``hidden_size`` when absent), read at the rightmost
+    token that is not the pad."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        hidden = config.get_text_config().hidden_size
+        inner = getattr(config, "score_inner_size", None) or hidden
+        self.score = torch.nn.Sequential(
+            torch.nn.Linear(hidden, inner), torch.nn.ReLU(), torch.nn.Linear(inner, self.num_labels)
+        )
+        self.post_init()
+
+
+class ScoreForTokenClassification(GenericForTokenClassification):
+    """A backbone under ``base_model_prefix`` plus ``score`` (with a bias) at every token, after a dropout of
+    ``classifier_dropout``: transformers' GenericForTokenClassification (a value model, a process reward model),
+    with the forward and initialisation of :class:`ScoreForSequenceClassification`."""
+
+    def initialize_weights(self):
+        """Never over loaded weights (see ScoreForSequenceClassification.initialize_weights)."""
+        mark_loaded(self)
+        super().initialize_weights()
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        backbone = getattr(self, self.base_model_prefix)
+        kwargs = accepted(backbone, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        outputs = backbone(input_ids=input_ids, **kwargs)
+        logits = self.score(self.dropout(outputs[0]))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config)
+        return TokenClassifierOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+
+class ProcessRewardForTokenClassification(ScoreForTokenClassification):
+    """Qwen2.5-Math-PRM's layout (``Qwen2ForProcessRewardModel``): a backbone plus an MLP head at every token,
+    ``score.0 [H, H]`` + bias, ReLU, ``score.2 [labels, H]`` + bias (vLLM's ``qwen2_rm.py``); P(correct step) is
+    the softmax's entry 1 at each step tag."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        hidden = config.get_text_config().hidden_size
+        self.dropout = torch.nn.Identity()
+        self.score = torch.nn.Sequential(
+            torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, config.num_labels)
+        )
+        self.post_init()

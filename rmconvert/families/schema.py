@@ -37,3 +37,11 @@ def schema_errors(config: dict, schema_path: Path) -> list[str]:
     validator = Draft202012Validator(_load(Path(schema_path)), registry=_registry())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     return [f"/{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+
+
+def config_schema(architecture, config: dict) -> Path:
+    """The schema a reward-model config must satisfy: the architecture's, or for a kept MLP head (config
+    ``score_inner_size``, docs/heads.md) the kept-head schema."""
+    if type(config.get("score_inner_size")) is int:
+        return schemas.path("kept-head-reward-model")
+    return architecture.schema
