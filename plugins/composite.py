@@ -144,6 +144,7 @@ class Composite(Architecture):
                 "renamed": renamed,
                 "tables": tables,
                 "vocab_fields": fields,
+                "load_name": found.rename,
             }
         )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -94,19 +95,31 @@ class Merge:
         return entry
 
 
-def _base_name(ckpt: Checkpoint, name: str) -> str | None:
-    """The base tensor PEFT's module path ``name`` loads into (``transformer.h.0...`` or ``h.0...``)."""
-    if name in ckpt.tensors:
-        return name
-    short = name.split(".", 1)[1] if "." in name else None
-    return short if short in ckpt.tensors else None
+def _locator(ckpt: Checkpoint, layout: Layout) -> Callable[[str], str | None]:
+    """PEFT's module path + ``.weight`` (or ``.bias``) -> the base tensor it loads into, or None. A text family:
+    the name itself or without its first part (``transformer.h.0...`` or ``h.0...``); a composite family: the
+    tensor transformers loads as the same key (adapters name released, canonical or in-memory modules)."""
+    if layout.load_name is not None:
+        keys = {layout.load_name(n): n for n in ckpt.tensors}
+        return lambda name: keys.get(layout.load_name(name))
+
+    def base_name(name: str) -> str | None:
+        short = name.split(".", 1)[1] if "." in name else None
+        return name if name in ckpt.tensors else short if short in ckpt.tensors else None
+
+    return base_name
+
+
+def _model_module(layout: Layout, module: str) -> str:
+    """The module's name in the model PEFT wraps (what ``target_modules`` and the patterns are matched against)."""
+    return layout.load_name(module + ".weight").removesuffix(".weight") if layout.load_name else module
 
 
 def _fits(adapter: Adapter, message: str, key: str) -> CheckpointError:
     return CheckpointError(f"{key}: {message}", adapter.weights)
 
 
-def _deltas(adapter: Adapter, ckpt: Checkpoint) -> dict[str, tuple[str, Delta]]:
+def _deltas(adapter: Adapter, ckpt: Checkpoint, layout: Layout) -> dict[str, tuple[str, Delta]]:
     """Base tensor name -> (adapter module, update), every shape checked against the base and the config."""
     groups: dict[str, dict[str, TensorInfo]] = {}
     for key, info in adapter.tensors.items():
@@ -114,6 +127,7 @@ def _deltas(adapter: Adapter, ckpt: Checkpoint) -> dict[str, tuple[str, Delta]]:
         if match and key.startswith(PREFIX):
             groups.setdefault(match["module"][len(PREFIX) :], {})[match["kind"]] = info
     config, conv1d = adapter.config, ckpt.model_type in CONV1D_MODEL_TYPES
+    base_name = _locator(ckpt, layout)
     out: dict[str, tuple[str, Delta]] = {}
     for module, found in sorted(groups.items()):
         embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
@@ -122,18 +136,18 @@ def _deltas(adapter: Adapter, ckpt: Checkpoint) -> dict[str, tuple[str, Delta]]:
         key = PREFIX + module
         if a is None or b is None:
             raise _fits(adapter, "has only one of LoRA's A and B", key)
-        if not targeted(config.get("target_modules"), module):
+        if not targeted(config.get("target_modules"), _model_module(layout, module)):
             raise _fits(adapter, "holds LoRA weights for a module that target_modules does not name", key)
         if len(a.shape) != 2 or len(b.shape) != 2 or a.dtype not in FLOAT_DTYPES or b.dtype not in FLOAT_DTYPES:
             raise _fits(
                 adapter, f"A {a.dtype}{list(a.shape)} and B {b.dtype}{list(b.shape)} are not float matrices", key
             )
-        r, scale = scaling(config, module)
+        r, scale = scaling(config, _model_module(layout, module))
         if a.shape[0] != b.shape[1]:
             raise _fits(adapter, f"A has rank {a.shape[0]} but B has rank {b.shape[1]}", key)
         if a.shape[0] != r:
             raise _fits(adapter, f"A and B have rank {a.shape[0]} but adapter_config.json gives r={r}", key)
-        name = _base_name(ckpt, module + ".weight")
+        name = base_name(module + ".weight")
         if name is None and module.endswith("lm_head") and text_config(ckpt.config).get("tie_word_embeddings"):
             raise _fits(adapter, "LoRA on a tied lm_head changes the input embedding too: merge it with PEFT", key)
         if name is None:
@@ -161,7 +175,7 @@ def _deltas(adapter: Adapter, ckpt: Checkpoint) -> dict[str, tuple[str, Delta]]:
                 raise _fits(adapter, f"the DoRA magnitude is {list(magnitude.shape)}, not [{rows}]", key)
         out[name] = (module, Delta(a, b, scale, transposed, magnitude))
         if "lora_B.bias" in found:
-            bias, lora_bias = _base_name(ckpt, module + ".bias"), found["lora_B.bias"]
+            bias, lora_bias = base_name(module + ".bias"), found["lora_B.bias"]
             if bias is None:
                 raise _fits(adapter, "has a LoRA bias (lora_bias) but BASE's layer has no bias", key)
             base_bias = ckpt.tensors[bias]
@@ -177,10 +191,11 @@ def _deltas(adapter: Adapter, ckpt: Checkpoint) -> dict[str, tuple[str, Delta]]:
     return out
 
 
-def _check_targets(adapter: Adapter, ckpt: Checkpoint) -> None:
-    """Every target_modules entry must name a module of BASE."""
+def _check_targets(adapter: Adapter, ckpt: Checkpoint, layout: Layout) -> None:
+    """Every target_modules entry must name a module of BASE (under its name on disk or in the model)."""
     target = adapter.config.get("target_modules")
-    modules = {n.rsplit(".", 1)[0] for n in ckpt.tensors if "." in n}
+    names = set(ckpt.tensors) | ({layout.load_name(n) for n in ckpt.tensors} if layout.load_name else set())
+    modules = {n.rsplit(".", 1)[0] for n in names if "." in n}
     modules |= {m.split(".", 1)[1] for m in modules if "." in m}
     if isinstance(target, list):
         for entry in target:
@@ -213,7 +228,8 @@ def plan_merge(adapter: Adapter, ckpt: Checkpoint, layout: Layout) -> Merge:
     CheckpointError on a misfit."""
     embedding = layout.embedding
     _check_model_type(adapter, ckpt)
-    _check_targets(adapter, ckpt)
+    _check_targets(adapter, ckpt, layout)
+    base_name = _locator(ckpt, layout)
     tensors, config = dict(ckpt.tensors), ckpt.config
     parts: dict[str, OutTensor] = {}
     replaced, head = [], None
@@ -234,7 +250,7 @@ def plan_merge(adapter: Adapter, ckpt: Checkpoint, layout: Layout) -> Merge:
             tensors[HEAD] = replace(info, name=HEAD)
             head = "adapter"
             continue
-        name = _base_name(ckpt, module_key)
+        name = base_name(module_key)
         if name is None:
             raise _fits(adapter, f"BASE has no tensor {module_key}: is the adapter for another model?", key)
         base = ckpt.tensors[name]
@@ -260,7 +276,7 @@ def plan_merge(adapter: Adapter, ckpt: Checkpoint, layout: Layout) -> Merge:
         if head is not None:  # the adapter's head defines the labels
             config = {k: v for k, v in config.items() if k not in ("id2label", "label2id", "num_labels")}
     # onto the tensors the adapter saved whole: LoRA on embed_tokens of a resized vocabulary saves its base layer
-    deltas = _deltas(adapter, replace(ckpt, config=config, tensors=tensors))
+    deltas = _deltas(adapter, replace(ckpt, config=config, tensors=tensors), layout)
     for name, (_, delta) in deltas.items():
         base = tensors[name]
         parts[name] = OutTensor(

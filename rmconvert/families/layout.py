@@ -6,6 +6,7 @@ or head is a new way of filling it in, not a new question asked of the plugin.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ..errors import CheckpointError
@@ -82,6 +83,9 @@ class Layout:
     vocab_fields: tuple[str, ...] = ("vocab_size",)
     #: token ids the model's inputs hold besides text (image, video, audio placeholders): never the pad
     media_ids: frozenset[int] = frozenset()
+    #: composite families: a tensor name (released, canonical or in-memory) -> the key the family's generation
+    #: class loads it as, so that a LoRA adapter's module names find their base tensors whatever names it uses
+    load_name: Callable[[str], str] | None = None
 
     @property
     def vocab_tables(self) -> tuple[str, ...]:
