@@ -438,14 +438,18 @@ def save_as_bin(src: str | Path, dst: str | Path, tied: dict[str, str] | None = 
 
 
 def load_base(base: str | Path, task_type: str = "CAUSAL_LM", labels: int = 1, dtype: str = "float32"):
-    """``base`` loaded as PEFT loads it for ``task_type``: a causal LM, or a ``labels``-label classifier."""
+    """``base`` loaded as PEFT loads it for ``task_type``: a causal LM (an image-text policy's generation class
+    when its config has a vision tower), or a ``labels``-label classifier."""
+    import json
+
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
     torch_dtype = getattr(torch, dtype)
     if task_type == "SEQ_CLS":
         return AutoModelForSequenceClassification.from_pretrained(base, num_labels=labels, dtype=torch_dtype)
-    return AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+    composite = "vision_config" in json.loads((Path(base) / "config.json").read_text())
+    return (AutoModelForImageTextToText if composite else AutoModelForCausalLM).from_pretrained(base, dtype=torch_dtype)
 
 
 def build_adapter(
