@@ -225,6 +225,26 @@ def test_convert_the_adapter_directory_itself(case, tmp_path):
     }
 
 
+def test_reward_model_adapter_on_gemma3(bases, tmp_path):
+    """A SEQ_CLS adapter trained on Gemma3ForSequenceClassification (transformers' own image-text reward class):
+    its score head byte for byte, every tensor PEFT's merge, the image+text reward PEFT's merged model's, bit for bit."""
+    base = bases("gemma3", False)
+    adapter = build_adapter(base, tmp_path / "adapter", task_type="SEQ_CLS", r=2, lora_alpha=4, seed=3,
+                            target_modules=["q_proj", "fc1"])  # fmt: skip
+    report = convert(base, tmp_path / "rm", "--adapter", adapter)
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        modules = {k.split(".lora_")[0] for k in f.keys() if ".lora_" in k}  # noqa: SIM118
+    assert report["adapter"]["head"] == "adapter" and report["adapter"]["merged"] == len(modules) == 7
+    rm = fresh(load_reward_model(tmp_path / "rm"))
+    merged = fresh(peft.PeftModel.from_pretrained(load_base(base, "SEQ_CLS"), adapter).merge_and_unload())
+    ours, theirs = rm.state_dict(), merged.state_dict()
+    assert set(ours) == set(theirs)
+    assert all(same_bits(v[: theirs[k].shape[0]], theirs[k]) for k, v in ours.items())
+    sample = T.image_inputs(merged, "gemma3")
+    with torch.no_grad():
+        assert torch.equal(rm(**sample).logits, merged(**sample).logits)
+
+
 #: damage -> (renamed from, to, the module then named that the base lacks); "target": a target_modules entry
 BAD = {
     "language": ("layers.1.", "layers.7.", "model.language_model.layers.7.self_attn.k_proj"),
