@@ -61,6 +61,8 @@ class Architecture:
     #: model_types whose pad id is part of the model (XGLM's position table skips it): a converted reward model
     #: keeps the source's pad id, and a --pad-token that would move it is refused.
     pad_in_positions: tuple[str, ...] = ()
+    #: Whether ``--head prm`` / ``value`` (a token classifier of the family) can be converted.
+    per_token_heads: bool = True
     #: JSON schema (draft 2020-12) the reward-model config.json must satisfy.
     schema: Path = schemas.path("reward-model")
     #: True only for a catch-all architecture, consulted after every specific one.
