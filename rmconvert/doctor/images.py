@@ -1,14 +1,14 @@
 """Image+text probes for vision-language reward models: one sample per call, made by the checkpoint's own processor
 (:func:`processor_probe`) or, without one, from the model's own config (:func:`image_sample`).
 
-A processor probe is a small synthetic image (a numpy array: no pillow needed) and a text after the processor's
-image placeholder, with everything the processor returns (``mm_token_type_ids`` included). A config probe's vision inputs are synthetic tensors of the shapes the family's vision tower takes (a small image: 2x2 merged
-patches for the Qwen families, the tower's own image size for the others); the number of image tokens is asked
-of the model (``get_image_features``), so the sample is what the family's processor would make of such an image:
+A processor probe is a small synthetic image (a numpy array: no pillow needed) and a text after the processor's image
+placeholder, with everything the processor returns (``mm_token_type_ids`` included). A config probe's vision inputs
+are synthetic tensors of the shapes the family's vision tower takes (a small image: 2x2 merged patches for the Qwen
+families, the tower's own image size for the others); the number of image tokens is asked of the model
+(``get_image_features``), so the sample is what the family's processor would make of such an image:
 ``<bos> <vision_start> <image>*N <vision_end> text``, with ``mm_token_type_ids`` (Qwen, Gemma 4) or
 ``token_type_ids`` (Gemma 3) marking the image tokens, as the processors give them. Qwen2.5-VL without
-``mm_token_type_ids`` silently falls back to 1-D positions: every probe passes them.
-"""
+``mm_token_type_ids`` silently falls back to 1-D positions: every probe passes them."""
 
 from __future__ import annotations
 

@@ -170,9 +170,7 @@ def _image_samples(s: Subject, model, pad: int | None) -> tuple[list[dict], list
         try:
             with quiet_transformers():
                 make = processor_probe(s.path, model.config)
-                samples = [make(probe_image(i), PROBE_TEXTS[i]) for i in (0, 1)] + [
-                    make(probe_image(2), PROBE_TEXTS[0])
-                ]
+                samples = [make(probe_image(i), PROBE_TEXTS[t]) for i, t in ((0, 0), (1, 1), (2, 0))]
         except Exception as exc:  # noqa: BLE001 (whatever the processor files make transformers raise is the finding)
             findings.append(s.finding("RM138", files[0], "", summary(exc)))
         else:
@@ -188,10 +186,8 @@ def _image_samples(s: Subject, model, pad: int | None) -> tuple[list[dict], list
                 return samples, findings
     text = [t for t in range(3, 3 + 8) if t != pad]
     singles = [image_sample(model, s.ckpt.model_type, seed=i, text=text[: 5 - 3 * i]) for i in range(2)]
-    return [
-        *singles,
-        with_image_of(singles[0], image_sample(model, s.ckpt.model_type, seed=7, text=text[:5])),
-    ], findings
+    other = with_image_of(singles[0], image_sample(model, s.ckpt.model_type, seed=7, text=text[:5]))
+    return [*singles, other], findings
 
 
 def _image_probes(s: Subject, model, pad: int) -> Iterator[Finding]:
