@@ -24,11 +24,19 @@ from rmconvert.families.host import load_registry
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 V5 = int(transformers.__version__.split(".")[0]) >= 5
-FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava", "gemma3")
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava", "llava_next", "gemma3")
 #: The family's media tokens at the tiny config's ids, and the tokenizer's named special tokens.
 QWEN = {"<|image_pad|>": T.IMAGE, "<|video_pad|>": T.VIDEO, "<|vision_start|>": T.START, "<|vision_end|>": T.END}
 GEMMA = {"<image_soft_token>": T.IMAGE, "<start_of_image>": T.START, "<end_of_image>": T.END, "<video>": T.VIDEO}
-SPECIALS = {"qwen2_5_vl": QWEN, "qwen2_vl": QWEN, "llava": {"<image>": T.IMAGE, "<video>": T.VIDEO}, "gemma3": GEMMA}
+LLAVA = {"<image>": T.IMAGE, "<video>": T.VIDEO}
+SPECIALS = {
+    "qwen2_5_vl": QWEN,
+    "qwen2_vl": QWEN,
+    "qwen3_vl": QWEN,
+    "llava": LLAVA,
+    "llava_next": LLAVA,
+    "gemma3": GEMMA,
+}
 GEMMA_NAMES = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
 
 
@@ -58,13 +66,19 @@ def processor(model_type: str, **changes):
     """The family's processor of the tiny config: Qwen's image processor alone (its processor needs torchvision),
     LLaVA's and Gemma 3's processors."""
     tok = tokenizer(model_type)
-    if model_type.startswith("qwen"):
-        return image_processor("Qwen2VLImageProcessor", **{"min_pixels": 56 * 56, "max_pixels": 56 * 56, **changes})
+    if model_type.startswith("qwen"):  # 4 image tokens: 4x4 patches (14 or Qwen3-VL's 16 pixels), merged 2x2
+        side = 64 if model_type == "qwen3_vl" else 56
+        patch = {"patch_size": 16} if model_type == "qwen3_vl" else {}
+        settings = {"min_pixels": side * side, "max_pixels": side * side, **patch, **changes}
+        return image_processor("Qwen2VLImageProcessor", **settings)
+    options = {"patch_size": 8, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+    sizes = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
     if model_type == "llava":
-        clip = "LlavaImageProcessor" if V5 else "CLIPImageProcessor"
-        pixels = image_processor(clip, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-        options = {"patch_size": 8, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+        pixels = image_processor("LlavaImageProcessor" if V5 else "CLIPImageProcessor", **sizes)
         return transformers.LlavaProcessor(pixels, tok, **{**options, **changes})
+    if model_type == "llava_next":
+        pixels = image_processor("LlavaNextImageProcessor", **sizes, image_grid_pinpoints=[[32, 32], [32, 64]])
+        return transformers.LlavaNextProcessor(pixels, tok, **{**options, **changes})
     pixels = image_processor("Gemma3ImageProcessor", size={"height": 32, "width": 32})
     return transformers.Gemma3Processor(pixels, tok, **{"image_seq_length": 4, **changes})
 
@@ -83,7 +97,7 @@ def checkpoints(tmp_path_factory):
         if model_type not in cache:
             root = tmp_path_factory.mktemp(model_type)
             src = T.build_policy(model_type, root / "src")
-            if model_type.startswith("qwen"):
+            if model_type in ("qwen2_vl", "qwen2_5_vl"):
                 T.qwen_layout(src, canonical=False)  # the released names
             save_processor(model_type, src)
             convert(src, root / "rm")
@@ -128,7 +142,8 @@ def test_probes_are_what_the_checkpoint_processor_makes(checkpoints, model_type)
         assert sorted(sample) == sorted(want)
         for key, value in want.items():
             assert torch.equal(sample[key], value), key
-    tokens = {"gemma3": 4, "llava": 16}.get(model_type, 4)  # (32 / 8)^2 LLaVA patches, CLS dropped
+    # (32 / 8)^2 LLaVA patches, CLS dropped; LLaVA-NeXT: those of the base image and of one 32x32 tile, 4 newlines
+    tokens = {"llava": 16, "llava_next": 36}.get(model_type, 4)
     assert int((made[0]["input_ids"] == T.IMAGE).sum()) == tokens
     if model_type == "gemma3":
         assert torch.equal(made[0]["token_type_ids"], (made[0]["input_ids"] == T.IMAGE).long())
@@ -155,7 +170,9 @@ def test_a_processor_that_does_not_fit_its_model_is_a_finding(checkpoints, tmp_p
         if (tmp_path / "misfit" / name).exists():
             shutil.copy(tmp_path / "misfit" / name, rm / name)
     found = validate(rm, load=True)
-    assert [(f.code, f.severity) for f in found] == [("RM137", "error")], found
+    file = "preprocessor_config.json" if model_type.startswith("qwen") else "processor_config.json"
+    assert [(f.code, f.severity, f.file) for f in found] == [("RM137", "error", file)], found
+    assert ("no image token 300" if model_type == "llava" else "tokens do not match") in found[0].message
     made, _ = samples(rm)  # the config's probes instead
     assert int((made[0]["input_ids"] == T.IMAGE).sum()) == (16 if model_type == "llava" else 4)
 

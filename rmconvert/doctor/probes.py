@@ -164,7 +164,7 @@ def _image_samples(s: Subject, model, pad: int | None) -> tuple[list[dict], list
     from .checks import PROCESSOR_FILES
     from .images import image_sample, image_token, probe_image, processor_probe, with_image_of
 
-    files = [f for f in PROCESSOR_FILES if (s.path / f).exists()]
+    files = [f for f in reversed(PROCESSOR_FILES) if (s.path / f).exists()]  # processor_config.json first
     findings = []
     if files:
         try:
@@ -174,16 +174,18 @@ def _image_samples(s: Subject, model, pad: int | None) -> tuple[list[dict], list
         except Exception as exc:  # noqa: BLE001 (whatever the processor files make transformers raise is the finding)
             findings.append(s.finding("RM138", files[0], "", summary(exc)))
         else:
-            image = image_token(model.config)
-            try:
-                if not all((x["input_ids"] == image).any() for x in samples):
-                    raise ValueError(f"its inputs hold no image token {image} (config.json's image token id)")
-                with torch.no_grad():
-                    model(**samples[0], **accepted(model, use_cache=False))
-            except Exception as exc:  # noqa: BLE001 (the processor's inputs that fail the model are the finding)
-                findings.append(s.finding("RM137", files[0], "", summary(exc)))
+            image, problem = image_token(model.config), None
+            if not all((x["input_ids"] == image).any() for x in samples):
+                problem = f"the processor's inputs hold no image token {image} (config.json's image token id)"
             else:
+                try:
+                    with torch.no_grad():
+                        model(**samples[0], **accepted(model, use_cache=False))
+                except Exception as exc:  # noqa: BLE001 (the processor's inputs that fail the model are the finding)
+                    problem = summary(exc)
+            if problem is None:
                 return samples, findings
+            findings.append(s.finding("RM137", files[0], "", problem))
     text = [t for t in range(3, 3 + 8) if t != pad]
     singles = [image_sample(model, s.ckpt.model_type, seed=i, text=text[: 5 - 3 * i]) for i in range(2)]
     other = with_image_of(singles[0], image_sample(model, s.ckpt.model_type, seed=7, text=text[:5]))
