@@ -64,7 +64,7 @@ def image_processor(name: str, **settings):
 
 def processor(model_type: str, **changes):
     """The family's processor of the tiny config: Qwen's image processor alone (its processor needs torchvision),
-    LLaVA's and Gemma 3's processors."""
+    the LLaVA, LLaVA-NeXT and Gemma 3 processors."""
     tok = tokenizer(model_type)
     if model_type.startswith("qwen"):  # 4 image tokens: 4x4 patches (14 or Qwen3-VL's 16 pixels), merged 2x2
         side = 64 if model_type == "qwen3_vl" else 56
