@@ -53,12 +53,18 @@ class Qwen2VL(Composite):
                 "lm_head": frozenset(lm_head),
                 "dropped": base.dropped | lm_head,
                 "renamed": {n: k for n, k in kept.items() if n != k},
+                "load_name": _load_name,
             }
         )
 
 
 def _renamed(name: str) -> str:
     return next((new + name[len(old) :] for old, new in RELEASED.items() if name.startswith(old)), name)
+
+
+def _load_name(name: str) -> str:
+    """The key a released or canonical name loads as (what a LoRA adapter's module names are matched by)."""
+    return name if name.startswith((LANGUAGE_MODEL, VISION)) else _renamed(name)
 
 
 def _check_backbone(ckpt, kept: dict[str, str]) -> None:

@@ -58,6 +58,9 @@ def test_the_static_layout_is_the_one_transformers_gives(sources, model_type, re
     assert static.error is None and learned.error is None
     assert {f: getattr(static, f) for f in LAYOUT_FIELDS} == {f: getattr(learned, f) for f in LAYOUT_FIELDS}
     assert bool(static.renamed) == released
+    # a LoRA adapter's module names, in either layout, load as the same keys under both plugins
+    names = {n for layout in (True, False) for n in open_checkpoint(sources(model_type, layout)).tensors}
+    assert {n: static.load_name(n) for n in names} == {n: learned.load_name(n) for n in names}
 
 
 @pytest.mark.parametrize(("model_type", "released"), CASES)
