@@ -107,7 +107,7 @@ class Composite(Architecture):
         outside = sorted(n for n, k in kept.items() if not found.in_backbone(k))
         if outside:
             raise CheckpointError(f"{outside[0]!r} is outside {found.causal_lm}'s backbone", ckpt.path)
-        missing = sorted(found.keys - set(kept.values()) - found.heads)
+        missing = sorted(found.keys - {t for n in kept for t in found.targets(n)} - found.heads)
         if missing:
             raise CheckpointError(
                 f"no tensor for {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}:"
@@ -135,6 +135,9 @@ class Composite(Architecture):
         fields = ("vocab_size",) + tuple(
             sorted(f for f, v in tc.items() if f != "vocab_size" and "vocab_size" in f and v == vocab and tables)
         )
+        rows = found.shapes[found.embedding][0]
+        if rows != vocab:  # the class embeds more rows than vocab_size (Llama 3.2 Vision: 8 more): no field holds them
+            fields = ()
         return Layout(
             **{
                 **base.__dict__,
@@ -143,6 +146,7 @@ class Composite(Architecture):
                 "dropped": base.dropped | lm_head | ignored,
                 "renamed": renamed,
                 "tables": tables,
+                "vocab_size": rows,
                 "vocab_fields": fields,
             }
         )
