@@ -183,26 +183,45 @@ def build_model(model_type: str, seed: int = 0, text_overrides: dict | None = No
 
 
 #: Language-model and other sub-model settings that make a family's default config tiny (where it has them).
-TINY_TEXT = {**{k: v for k, v in TEXT.items() if k != "vocab_size"}, "head_dim": 16}
-TINY_OTHER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "depth": 2, "num_attention_heads": 4}
+TINY_TEXT = {**{k: v for k, v in TEXT.items() if k != "vocab_size"}, "head_dim": 16, **MOE}
+TINY_OTHER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "depth": 2,
+    "num_attention_heads": 4,
+    "num_heads": 4,
+    "d_model": 32,
+    "encoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+}
 #: Config fields holding token ids (pad, bos, eos, the image/video/audio placeholders).
 TOKEN_FIELD = re.compile(r"token_(id|ids|index)$")
 
 
 def _shrunk(settings: dict, tiny: dict) -> dict:
-    """``settings`` with ``tiny``'s values for the keys it has, its per-layer lists (as long as its layer count)
-    cut to 2, and every nested config shrunk: ``text_config`` as a language model, the others (vision, audio,
+    """``settings`` with ``tiny``'s values for the keys it has (its other sizes equal to its hidden size follow it,
+    its key/value heads its heads where they were as many), its per-layer lists and layer-indexed dicts cut to 2
+    layers, and every nested config shrunk: ``text_config`` as a language model, the others (vision, audio,
     Q-Former, ...) by :data:`TINY_OTHER`."""
-    layers = next((settings[k] for k in ("num_hidden_layers", "depth") if type(settings.get(k)) is int), None)
+    layers = next(
+        (settings[k] for k in ("num_hidden_layers", "depth", "encoder_layers") if type(settings.get(k)) is int), None
+    )
+    hidden, heads = settings.get("hidden_size"), settings.get("num_attention_heads")
     out = {}
     for key, value in settings.items():
         sub = TINY_TEXT if key == "text_config" else TINY_OTHER
         if isinstance(value, dict) and "model_type" in value:
             value = _shrunk(value, sub)
+        elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value) and layers:
+            value = {k: _shrunk(v, tiny) if isinstance(v, dict) else v for k, v in value.items() if int(k) < 2}
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             value = [_shrunk(v, tiny) for v in value]
         elif key in tiny and type(value) is int:
-            value = tiny[key]
+            value = tiny[key] if key != "num_key_value_heads" or value != heads else tiny["num_attention_heads"]
+        elif "hidden_size" in tiny and type(value) is int and value == hidden:
+            value = tiny["hidden_size"]
         if isinstance(value, list) and layers and len(value) == layers > 2:
             value = value[:2]
         out[key] = value
