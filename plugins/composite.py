@@ -124,6 +124,11 @@ class Composite(Architecture):
                         ckpt.path,
                     )
         renamed = {n: k for n, k in kept.items() if n != k} if any(loads_as(n) != k for n, k in kept.items()) else {}
+        if len(set(renamed.values())) < len(renamed):  # e.g. per-expert tensors transformers fuses on load
+            key = next(k for k in renamed.values() if list(renamed.values()).count(k) > 1)
+            raise CheckpointError(
+                f"several tensors load as {key}: the layout the reward class loads cannot be written", ckpt.path
+            )
         embedding = [n for n, k in kept.items() if k == found.embedding]
         if len(embedding) != 1:
             raise CheckpointError(
