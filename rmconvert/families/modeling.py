@@ -69,8 +69,11 @@ def is_composite(model_type: str) -> bool:
     config = CONFIG_MAPPING[model_type]
     if "text_config" not in (getattr(config, "sub_configs", None) or {}):
         return False
+    from .structure import quiet_transformers
+
     try:
-        return not config().is_encoder_decoder
+        with quiet_transformers():  # a default config may warn about what it lacks
+            return not config().is_encoder_decoder
     except Exception:  # noqa: BLE001 (a default config transformers rejects says nothing of the family's shape)
         return True
 
