@@ -48,6 +48,7 @@ def _text_model_type(config: dict) -> str | None:
 class Composite(Architecture):
     name = "composite"
     fallback = True
+    per_token_heads = False
     #: Gemma 4 replaces image, video and audio placeholder ids by the pad id and embeds the pad row into every
     #: layer's input: its pad is part of the computation and is never re-picked.
     pad_in_positions = ("gemma4",)

@@ -326,7 +326,7 @@ def build_checkpoint(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .families.modeling import register_sequence_classification_class, sequence_classification_class_name
+    from .families.modeling import class_name, register_sequence_classification_class
 
     recipe = recipe_for(kind)
     tokenizer = build_tokenizer(recipe)
@@ -346,7 +346,7 @@ def build_checkpoint(
     torch.manual_seed(seed)
     path = Path(path)
     if labels:
-        name = sequence_classification_class_name(recipe.model_type)
+        name = class_name(recipe.model_type)
         model = register_sequence_classification_class(recipe.model_type, name)(model_config)
     else:
         model = AutoModelForCausalLM.from_config(model_config)

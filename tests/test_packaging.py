@@ -17,7 +17,7 @@ import pytest
 import rmconvert
 
 REPO = Path(__file__).resolve().parents[1]
-BUILTINS = ("llama", "olmo2", "olmoe", "generic", "composite")
+BUILTINS = ("llama", "olmo2", "olmoe", "qwen2_vl", "generic", "composite")
 DEMO_KINDS = ("llama3", "llama2", "olmo2", "olmoe", "qwen2")
 # Working-tree state that must not reach the build: VCS data, other builds, caches, virtualenvs.
 NOT_SOURCES = {".git", ".tox", "build", "dist", ".pytest_cache", ".ruff_cache", "__pycache__"}
@@ -109,6 +109,7 @@ def test_wheel_maps_plugins_and_schemas_under_rmconvert(wheel):
         "rmconvert/plugins/olmoe.py",
         "rmconvert/plugins/generic.py",
         "rmconvert/plugins/composite.py",
+        "rmconvert/plugins/qwen2_vl.py",
         "rmconvert/schemas/__init__.py",
         "rmconvert/schemas/llama.schema.json",
         "rmconvert/schemas/olmo2.schema.json",

@@ -23,7 +23,9 @@ BUILTINS = {
     "llama": ("rmconvert.plugins.llama", ["llama"]),
     "olmo2": ("rmconvert.plugins.olmo2", ["olmo2"]),
     "olmoe": ("rmconvert.plugins.olmoe", ["olmoe"]),
+    "qwen2_vl": ("rmconvert.plugins.qwen2_vl", ["qwen2_5_vl", "qwen2_vl"]),
 }
+BUILTIN = {*BUILTINS, "generic", "composite"}  # every built-in architecture: the specific ones and the catch-alls
 
 
 class PluginObject:
@@ -70,11 +72,12 @@ def test_builtins_are_listed_with_their_distribution_version_and_model_types():
 
 def test_builtin_registry_resolves_model_types():
     registry = load_registry(get_plugin_manager(autoload=False))
-    assert set(registry.entries) == {"llama", "olmo2", "olmoe", "generic", "composite"}
+    assert set(registry.entries) == BUILTIN
     for model_type in ("llama", "olmo2", "olmoe"):
         assert registry.for_model_type(model_type).architecture.name == model_type
     assert registry.for_model_type("qwen2").architecture.name == "generic"
-    assert registry.for_model_type("qwen2_vl").architecture.name == "composite"
+    assert registry.for_model_type("qwen2_vl").architecture.name == "qwen2_vl"  # torch-free, before composite
+    assert registry.for_model_type("llava").architecture.name == "composite"
     assert registry.for_model_type("llama4") is None  # no composite backbone class: refused
     assert registry.entries["generic"].architecture.fallback
     assert registry.entries["composite"].architecture.fallback
@@ -305,7 +308,7 @@ def test_disabling_autoload_hides_entry_point_plugins(myarch_site, build, tmp_pa
     done = run_rmconvert("plugins", "--json", site=myarch_site, cwd=tmp_path, disable_autoload=True)
     assert done.returncode == 0, done.stderr
     rows = {row["architecture"]: row for row in json.loads(done.stdout)}
-    assert set(rows) == {"llama", "olmo2", "olmoe", "generic", "composite"}
+    assert set(rows) == BUILTIN
     assert "qwen2" in rows["generic"]["model_types"]
     done = run_rmconvert(
         "convert",
@@ -333,13 +336,7 @@ def test_broken_entry_point_plugin_fails_in_one_line_naming_itself(broken_site, 
 def test_broken_entry_point_plugin_is_skipped_when_autoload_is_disabled(broken_site, tmp_path):
     done = run_rmconvert("plugins", "--json", site=broken_site, cwd=tmp_path, disable_autoload=True)
     assert done.returncode == 0, done.stderr
-    assert {row["architecture"] for row in json.loads(done.stdout)} == {
-        "llama",
-        "olmo2",
-        "olmoe",
-        "generic",
-        "composite",
-    }
+    assert {row["architecture"] for row in json.loads(done.stdout)} == BUILTIN
 
 
 def test_misspelled_hook_in_an_entry_point_plugin_fails_check_pending_loudly(typo_site, tmp_path):

@@ -234,6 +234,19 @@ CODES = {
             "check the projector's weights (Gemma 3's mm_input_projection_weight is zero until trained)",
         ),
         Code(
+            "RM137",
+            ERROR,
+            "(`--load`) the checkpoint's own processor makes image+text inputs the reward model cannot score (no image"
+            " token of the config, or the forward fails): probes made from the config instead",
+            "re-save the policy's processor with the checkpoint (its image token must be config.json's)",
+        ),
+        Code(
+            "RM138",
+            WARNING,
+            "(`--load`) the checkpoint's processor files do not load: image+text probes made from the config instead",
+            "re-save the policy's processor with the checkpoint",
+        ),
+        Code(
             "RM125",
             ERROR,
             "a tensor merged from the LoRA adapter differs from a fresh merge (PEFT's merge_and_unload)",

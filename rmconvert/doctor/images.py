@@ -1,14 +1,18 @@
-"""Image+text probes for vision-language reward models: one sample per call, made from the model's own config.
+"""Image+text probes for vision-language reward models: one sample per call, made by the checkpoint's own processor
+(:func:`processor_probe`) or, without one, from the model's own config (:func:`image_sample`).
 
-The vision inputs are synthetic tensors of the shapes the family's vision tower takes (a small image: 2x2 merged
-patches for the Qwen families, the tower's own image size for the others); the number of image tokens is asked
-of the model (``get_image_features``), so the sample is what the family's processor would make of such an image:
+A processor probe is a small synthetic image (a numpy array: no pillow needed) and a text after the processor's image
+placeholder, with everything the processor returns (``mm_token_type_ids`` included). A config probe's vision inputs
+are synthetic tensors of the shapes the family's vision tower takes (a small image: 2x2 merged patches for the Qwen
+families, the tower's own image size for the others); the number of image tokens is asked of the model
+(``get_image_features``), so the sample is what the family's processor would make of such an image:
 ``<bos> <vision_start> <image>*N <vision_end> text``, with ``mm_token_type_ids`` (Qwen, Gemma 4) or
 ``token_type_ids`` (Gemma 3) marking the image tokens, as the processors give them. Qwen2.5-VL without
-``mm_token_type_ids`` silently falls back to 1-D positions: every probe passes them.
-"""
+``mm_token_type_ids`` silently falls back to 1-D positions: every probe passes them."""
 
 from __future__ import annotations
+
+from functools import partial
 
 #: Config fields naming the image placeholder id, in the order families use them.
 IMAGE_FIELDS = ("image_token_id", "image_token_index")
@@ -91,6 +95,59 @@ def image_sample(model, model_type: str, seed: int = 0, words: int = 5, text: li
     if model_type in TOKEN_TYPES:
         sample["token_type_ids"] = (input_ids == image).long()
     return sample
+
+
+#: Side of the probe image in pixels: 2x2 merged 28-pixel patches for the Qwen families; other processors resize it.
+PROBE_SIDE = 56
+
+
+def probe_image(seed: int):
+    """A small random RGB image, ``PROBE_SIDE`` x ``PROBE_SIDE`` x 3 uint8 (numpy): processors take arrays."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 256, (PROBE_SIDE, PROBE_SIDE, 3), dtype=np.uint8)
+
+
+def _framed(tokenizer, config, image: str) -> str:
+    """``image`` between the tokens of the config's ``vision_start_token_id`` and ``vision_end_token_id`` (the
+    Qwen families' chat templates write them; the processor does not), then a space."""
+    ends = [getattr(config, f"vision_{e}_token_id", None) for e in ("start", "end")]
+    if all(type(i) is int for i in ends):
+        start, end = tokenizer.convert_ids_to_tokens(ends)
+        image = f"{start}{image}{end}"
+    return f"{image} "
+
+
+def processor_probe(path, config):
+    """``make(image, text)``: one sample (batch 1) of ``image`` and ``text`` after its placeholder, made by the
+    processor at ``path`` (``AutoProcessor``), or where that cannot be built (Qwen2-VL's needs torchvision for its
+    video processor) by its image processor and tokenizer as the Qwen processors do it. Raises what loading raises."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        placeholder = getattr(processor, "boi_token", None) or processor.image_token  # Gemma 3: the processor's
+        return partial(_processed, processor, _framed(processor.tokenizer, config, placeholder))
+    except Exception as exc:  # noqa: BLE001 (raised below unless the image processor and tokenizer do)
+        error = exc
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    if type(getattr(image_processor, "merge_size", None)) is not int:
+        raise error
+    return partial(_by_hand, image_processor, AutoTokenizer.from_pretrained(path), config)
+
+
+def _processed(processor, placeholder: str, image, text: str) -> dict:
+    return dict(processor(images=[image], text=[placeholder + text], return_tensors="pt"))
+
+
+def _by_hand(image_processor, tokenizer, config, image, text: str) -> dict:
+    """What a Qwen-family processor makes: the image token once per merged patch, ``mm_token_type_ids`` 1 there."""
+    vision = dict(image_processor(images=[image], return_tensors="pt"))
+    count = int(vision["image_grid_thw"].prod()) // image_processor.merge_size**2
+    image_id = image_token(config)
+    framed = _framed(tokenizer, config, tokenizer.convert_ids_to_tokens(image_id) * count)
+    inputs = dict(tokenizer([framed + text], return_tensors="pt"))
+    return {**inputs, **vision, "mm_token_type_ids": (inputs["input_ids"] == image_id).long()}
 
 
 def with_image_of(sample: dict, other: dict) -> dict:

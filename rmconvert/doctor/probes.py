@@ -154,17 +154,58 @@ def loaded(s: Subject) -> Iterator[Finding]:
                 yield s.finding("RM110", "config.json", "/pad_token_id", f"{side}-padded: off by {worst:.3g}")
 
 
-def _image_probes(s: Subject, model, pad: int) -> Iterator[Finding]:
-    """A vision-language reward model on image+text probes (:mod:`rmconvert.doctor.images`): a padded batch scores
-    as one by one (RM110, both sides), and another image changes the reward (RM136)."""
+def _image_samples(s: Subject, model, pad: int | None) -> tuple[list[dict], list[Finding]]:
+    """Two image+text samples of different text lengths, and the first's text with another image: made by the
+    checkpoint's own processor (:func:`rmconvert.doctor.images.processor_probe`); from the config
+    (:func:`rmconvert.doctor.images.image_sample`) when it has no processor files, when its processor cannot be
+    built (RM138), or when it makes inputs the model cannot score (RM137)."""
     import torch
 
-    from .images import batch, image_sample, with_image_of
+    from .checks import PROCESSOR_FILES
+    from .images import image_sample, image_token, probe_image, processor_probe, with_image_of
 
-    if not 0 <= pad < model.get_input_embeddings().num_embeddings:
-        return  # RM031 or RM022 of the static checks
+    files = [f for f in reversed(PROCESSOR_FILES) if (s.path / f).exists()]  # processor_config.json first
+    findings = []
+    if files:
+        try:
+            with quiet_transformers():
+                make = processor_probe(s.path, model.config)
+                samples = [make(probe_image(i), PROBE_TEXTS[t]) for i, t in ((0, 0), (1, 1), (2, 0))]
+        except Exception as exc:  # noqa: BLE001 (whatever the processor files make transformers raise is the finding)
+            findings.append(s.finding("RM138", files[0], "", summary(exc)))
+        else:
+            image, problem = image_token(model.config), None
+            if not all((x["input_ids"] == image).any() for x in samples):
+                problem = f"the processor's inputs hold no image token {image} (config.json's image token id)"
+            else:
+                try:
+                    with torch.no_grad():
+                        model(**samples[0], **accepted(model, use_cache=False))
+                except Exception as exc:  # noqa: BLE001 (the processor's inputs that fail the model are the finding)
+                    problem = summary(exc)
+            if problem is None:
+                return samples, findings
+            findings.append(s.finding("RM137", files[0], "", problem))
     text = [t for t in range(3, 3 + 8) if t != pad]
     singles = [image_sample(model, s.ckpt.model_type, seed=i, text=text[: 5 - 3 * i]) for i in range(2)]
+    other = with_image_of(singles[0], image_sample(model, s.ckpt.model_type, seed=7, text=text[:5]))
+    return [*singles, other], findings
+
+
+def _image_probes(s: Subject, model, pad: int) -> Iterator[Finding]:
+    """A vision-language reward model on image+text probes (:func:`_image_samples`): a batch right-padded with the
+    tokenizer's pad (else the config's) scores as one by one (RM110), and another image changes the reward (RM136)."""
+    import torch
+
+    from .images import batch
+
+    rows = model.get_input_embeddings().num_embeddings
+    tokenizer_pad = _text_probe_ids(s, rows)[1]
+    pad = tokenizer_pad if tokenizer_pad is not None and 0 <= tokenizer_pad < rows else pad  # what users pad with
+    if not 0 <= pad < rows:
+        return  # RM031 or RM022 of the static checks
+    (*singles, other), findings = _image_samples(s, model, pad)
+    yield from findings
     tol = _tolerance(model.dtype)
     with torch.no_grad():
         alone = torch.cat([model(**x, **accepted(model, use_cache=False)).logits for x in singles])
@@ -174,7 +215,6 @@ def _image_probes(s: Subject, model, pad: int) -> Iterator[Finding]:
             yield s.finding(
                 "RM110", "config.json", "/text_config/pad_token_id", f"right-padded, with images: off by {worst:.3g}"
             )
-        other = with_image_of(singles[0], image_sample(model, s.ckpt.model_type, seed=7, text=text[:5]))
         if torch.equal(model(**other, **accepted(model, use_cache=False)).logits, alone[:1]):
             yield s.finding("RM136", s.weights_file, "", "two different images give the same reward")
 
@@ -491,10 +531,8 @@ def _compare_with_images(s: Subject, ours, theirs, value_head, source_is_rm: boo
     equal (RM122); rewards follow the source's value head or reward head (RM123)."""
     import torch
 
-    from .images import image_sample
-
-    backbone = lambda model: getattr(model, model.base_model_prefix)
-    samples = [image_sample(ours, s.ckpt.model_type, seed=i, text=list(range(3 + i, 8))) for i in range(2)]
+    backbone = lambda model: model.model  # the composite *Model (4.57's classes have base_model_prefix "")
+    samples = _image_samples(s, ours, ours.config.get_text_config().pad_token_id)[0][:2]  # findings: of --load
     findings = []
     with torch.no_grad():
         for x in samples:

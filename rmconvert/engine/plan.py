@@ -292,7 +292,7 @@ def plan_conversion(ckpt: Checkpoint, registered: Registered, options: Options, 
     merged checkpoint, its merged tensors computed by the writers.
     """
     arch = registered.architecture
-    if options.target.per_token and arch.name == "composite":
+    if options.target.per_token and not arch.per_token_heads:
         raise CheckpointError(
             f"--head {options.head}: a token classifier of a vision-language model ({ckpt.model_type}) is not"
             " supported; convert with --text-only, or use --head scalar or bt",

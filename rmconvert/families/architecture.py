@@ -61,6 +61,8 @@ class Architecture:
     #: model_types whose pad id is part of the model (XGLM's position table skips it): a converted reward model
     #: keeps the source's pad id, and a --pad-token that would move it is refused.
     pad_in_positions: tuple[str, ...] = ()
+    #: Whether ``--head prm`` / ``value`` (a token classifier of the family) can be converted.
+    per_token_heads: bool = True
     #: JSON schema (draft 2020-12) the reward-model config.json must satisfy.
     schema: Path = schemas.path("reward-model")
     #: True only for a catch-all architecture, consulted after every specific one.
@@ -73,17 +75,12 @@ class Architecture:
     def class_name(self, model_type: str, task: str = SEQUENCE) -> str:
         """The class name for config.json ``architectures``: the sequence classifier, or with ``task="token"``
         the token classifier (rmconvert.families.target)."""
-        if task == TOKEN:
-            if self.token_classification_class:
-                return self.token_classification_class
-            from .modeling import token_classification_class_name
+        explicit = self.token_classification_class if task == TOKEN else self.sequence_classification_class
+        if explicit:
+            return explicit
+        from .modeling import class_name
 
-            return token_classification_class_name(model_type)
-        if self.sequence_classification_class:
-            return self.sequence_classification_class
-        from .modeling import sequence_classification_class_name
-
-        return sequence_classification_class_name(model_type)
+        return class_name(model_type, task)
 
     def score_name(self, model_type: str, task: str = SEQUENCE) -> str:
         """Name of the head's weight the class of ``model_type`` for ``task`` loads (its bias: ``.bias`` in place

@@ -21,6 +21,7 @@ BUILTIN_PLUGINS = (
     "rmconvert.plugins.llama",
     "rmconvert.plugins.olmo2",
     "rmconvert.plugins.olmoe",
+    "rmconvert.plugins.qwen2_vl",
     "rmconvert.plugins.generic",
     "rmconvert.plugins.composite",
 )

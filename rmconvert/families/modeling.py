@@ -11,7 +11,7 @@ from collections.abc import Callable
 from functools import lru_cache
 
 from ..errors import CheckpointError, summary
-from .target import AUTO_CLASS, PROCESS_REWARD_CLASSES, SEQUENCE, TOKEN, class_of_config, task_of_class
+from .target import AUTO_CLASS, PROCESS_REWARD_CLASSES, SEQUENCE, SUFFIX, TOKEN, class_of_config, task_of_class
 
 
 def _mappings():
@@ -135,18 +135,24 @@ def reward_class_name(model_type: str) -> str | None:
     return native if head is None or classifier_head(head) else None
 
 
-def sequence_classification_class_name(model_type: str) -> str:
-    """The native reward class (:func:`reward_class_name`), else one named after the backbone class:
-    ``<Family>ForSequenceClassification``, or ``<Family>ScoreForSequenceClassification`` where transformers'
-    class of that name has another head."""
-    native = reward_class_name(model_type)
+def class_name(model_type: str, task: str = SEQUENCE) -> str:
+    """The class a converted checkpoint of ``model_type`` names for ``task`` (rmconvert.families.target): the
+    native one (:func:`reward_class_name`, :func:`token_class_name`), else one named after the backbone class:
+    ``<Family>For{Sequence,Token}Classification``, or ``<Family>ScoreFor...`` where transformers' class of that
+    name has another head."""
+    native = token_class_name(model_type) if task == TOKEN else reward_class_name(model_type)
     if native:
         return native
     backbone = _backbone_name(model_type)
     if not backbone or not backbone.endswith("Model"):
         raise CheckpointError(f"transformers has no backbone class for model_type {model_type!r}")
-    family = backbone[: -len("Model")]
-    return family + ("ScoreForSequenceClassification" if native_class_name(model_type) else "ForSequenceClassification")
+    mapping = (
+        "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"
+        if task == TOKEN
+        else "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
+    )
+    other = model_type in getattr(_mappings(), mapping)
+    return backbone[: -len("Model")] + ("Score" if other else "") + SUFFIX[task]
 
 
 def _backbone_classes(model_type: str) -> tuple[type, type]:
@@ -233,7 +239,7 @@ def reward_class(model_type: str) -> type:
     native = reward_class_name(model_type)
     if native:
         return getattr(transformers, native)
-    return build_sequence_classification_class(model_type, sequence_classification_class_name(model_type))
+    return build_sequence_classification_class(model_type, class_name(model_type))
 
 
 def register_sequence_classification_class(model_type: str, class_name: str) -> type:
@@ -290,20 +296,6 @@ def token_score_name(model_type: str) -> str:
     """The weight of the head of the token classifier of ``model_type``: its native head's, else ``score.weight``."""
     native = token_class_name(model_type)
     return f"{_token_head(model_type, native)}.weight" if native else "score.weight"
-
-
-def token_classification_class_name(model_type: str) -> str:
-    """The native token classifier (:func:`token_class_name`), else one named after the backbone class:
-    ``<Family>ForTokenClassification``, or ``<Family>ScoreForTokenClassification`` where transformers' class of
-    that name has another head."""
-    native = token_class_name(model_type)
-    if native:
-        return native
-    backbone = _backbone_name(model_type)
-    if not backbone or not backbone.endswith("Model"):
-        raise CheckpointError(f"transformers has no backbone class for model_type {model_type!r}")
-    other = model_type in _mappings().MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
-    return backbone[: -len("Model")] + ("ScoreForTokenClassification" if other else "ForTokenClassification")
 
 
 PORTABLE_MODULE = "modeling_rmconvert"

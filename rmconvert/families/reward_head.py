@@ -91,6 +91,15 @@ class ScoreForSequenceClassification(GenericForSequenceClassification):
         )
 
 
+def mlp_head(config, inner: int | None = None) -> torch.nn.Sequential:
+    """``Linear(H, inner) -> ReLU -> Linear(inner, num_labels)``, both with a bias (``inner``: H when None)."""
+    hidden = config.get_text_config().hidden_size
+    inner = inner or hidden
+    return torch.nn.Sequential(
+        torch.nn.Linear(hidden, inner), torch.nn.ReLU(), torch.nn.Linear(inner, config.num_labels)
+    )
+
+
 class MLPScoreForSequenceClassification(ScoreForSequenceClassification):
     """The same, with Qwen2ForRewardModel's MLP head: ``score = Linear(H, I) -> ReLU -> Linear(I, num_labels)``,
     both with a bias (``I`` is config ``score_inner_size``, ``hidden_size`` when absent), read at the rightmost
@@ -98,11 +107,7 @@ class MLPScoreForSequenceClassification(ScoreForSequenceClassification):
 
     def __init__(self, config):
         super().__init__(config)
-        hidden = config.get_text_config().hidden_size
-        inner = getattr(config, "score_inner_size", None) or hidden
-        self.score = torch.nn.Sequential(
-            torch.nn.Linear(hidden, inner), torch.nn.ReLU(), torch.nn.Linear(inner, self.num_labels)
-        )
+        self.score = mlp_head(config, getattr(config, "score_inner_size", None))
         self.post_init()
 
 
@@ -139,9 +144,6 @@ class ProcessRewardForTokenClassification(ScoreForTokenClassification):
 
     def __init__(self, config):
         super().__init__(config)
-        hidden = config.get_text_config().hidden_size
         self.dropout = torch.nn.Identity()
-        self.score = torch.nn.Sequential(
-            torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, config.num_labels)
-        )
+        self.score = mlp_head(config)
         self.post_init()

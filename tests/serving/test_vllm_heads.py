@@ -80,30 +80,28 @@ def engine(path: Path):
     return LLM(model=str(path), runner="pooling", **ENGINE)
 
 
-def test_n_label_head_served_as_raw_logits(cases):
-    case = cases["n-label"]
-    assert json.loads((case.path / "config.json").read_text())["id2label"] == {str(i): n for i, n in enumerate(LABELS)}
+def served_as_expected(case: Case, labels: int) -> torch.Tensor:
+    """vLLM's ``classify`` of PROMPTS on ``case``: ``labels`` values each, transformers' within TOLERANCE."""
     llm = engine(case.path)
     try:
         served = torch.tensor([o.outputs.probs for o in llm.classify(PROMPTS)])
     finally:
         del llm
         gc.collect()
-    assert served.shape == case.expected.shape == (len(PROMPTS), 3)
+    assert served.shape == case.expected.shape == (len(PROMPTS), labels)
     torch.testing.assert_close(served, case.expected, atol=TOLERANCE, rtol=TOLERANCE)
+    return served
+
+
+def test_n_label_head_served_as_raw_logits(cases):
+    case = cases["n-label"]
+    assert json.loads((case.path / "config.json").read_text())["id2label"] == {str(i): n for i, n in enumerate(LABELS)}
+    served = served_as_expected(case, labels=3)
     assert (served < 0).any() and (served.sum(-1) - 1).abs().max() > 1e-2  # raw logits, not probabilities
 
 
 def test_head_from_tokens_served(cases):
-    case = cases["tokens"]
-    llm = engine(case.path)
-    try:
-        served = torch.tensor([o.outputs.probs for o in llm.classify(PROMPTS)])
-    finally:
-        del llm
-        gc.collect()
-    assert served.shape == case.expected.shape == (len(PROMPTS), 1)
-    torch.testing.assert_close(served, case.expected, atol=TOLERANCE, rtol=TOLERANCE)
+    served_as_expected(cases["tokens"], labels=1)
 
 
 def test_kept_mlp_head_served_natively_as_qwen2_for_reward_model(cases):
