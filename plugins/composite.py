@@ -108,7 +108,7 @@ class Composite(Architecture):
         outside = sorted(n for n, k in kept.items() if not found.in_backbone(k))
         if outside:
             raise CheckpointError(f"{outside[0]!r} is outside {found.causal_lm}'s backbone", ckpt.path)
-        missing = sorted(found.keys - set(kept.values()) - found.heads)
+        missing = sorted(found.keys - {t for n in kept for t in found.targets(n)} - found.heads)
         if missing:
             raise CheckpointError(
                 f"no tensor for {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}:"
@@ -125,6 +125,11 @@ class Composite(Architecture):
                         ckpt.path,
                     )
         renamed = {n: k for n, k in kept.items() if n != k} if any(loads_as(n) != k for n, k in kept.items()) else {}
+        if len(set(renamed.values())) < len(renamed):  # e.g. per-expert tensors transformers fuses on load
+            key = next(k for k in renamed.values() if list(renamed.values()).count(k) > 1)
+            raise CheckpointError(
+                f"several tensors load as {key}: the layout the reward class loads cannot be written", ckpt.path
+            )
         embedding = [n for n, k in kept.items() if k == found.embedding]
         if len(embedding) != 1:
             raise CheckpointError(
@@ -136,6 +141,9 @@ class Composite(Architecture):
         fields = ("vocab_size",) + tuple(
             sorted(f for f, v in tc.items() if f != "vocab_size" and "vocab_size" in f and v == vocab and tables)
         )
+        rows = found.shapes[found.embedding][0]
+        if rows != vocab:  # the class embeds more rows than vocab_size (Llama 3.2 Vision: 8 more): no field holds them
+            fields = ()
         return Layout(
             **{
                 **base.__dict__,
@@ -144,6 +152,7 @@ class Composite(Architecture):
                 "dropped": base.dropped | lm_head | ignored,
                 "renamed": renamed,
                 "tables": tables,
+                "vocab_size": rows,
                 "vocab_fields": fields,
                 "load_name": found.rename,
             }

@@ -47,21 +47,9 @@ def check(model_type: str, root: Path, head: str = "scalar") -> tuple[str, str]:
     return "ok", f"{report['architecture']}: {report['class']}"
 
 
-#: Text and vision settings that make a composite family's default config tiny (applied where the config has them).
-TINY_TEXT = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-}
-TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "depth": 2, "num_attention_heads": 4}
-
-
 def _tiny_composite(model_type: str, path: Path) -> Path:
-    """A tiny policy of a composite family: :mod:`rmconvert.tiny_vlm`'s config, else the family's defaults
-    shrunk (:data:`TINY_TEXT`, :data:`TINY_VISION`)."""
+    """A tiny policy of a composite family: :mod:`rmconvert.tiny_vlm`'s config, else the family's default config
+    shrunk (:func:`rmconvert.tiny_vlm.shrunk_config`)."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -69,14 +57,7 @@ def _tiny_composite(model_type: str, path: Path) -> Path:
 
     if model_type in tiny_vlm.CONFIGS:
         return tiny_vlm.build_policy(model_type, path)
-    config = AutoConfig.for_model(model_type)
-    for sub, tiny in (("text_config", TINY_TEXT), ("vision_config", TINY_VISION)):
-        part = getattr(config, sub, None)
-        for key, value in tiny.items():
-            if part is not None and getattr(part, key, None) is not None:
-                setattr(part, key, value)
-        if isinstance(getattr(part, "layer_types", None), list):
-            part.layer_types = part.layer_types[:2]
+    config = tiny_vlm.shrunk_config(model_type)
     torch.manual_seed(0)
     AutoModelForImageTextToText.from_config(config).save_pretrained(path)
     AutoConfig.from_pretrained(path)  # a shrunk config transformers' own checks reject is unbuildable

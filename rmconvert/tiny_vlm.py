@@ -9,6 +9,7 @@ the family's image tokens; :func:`image_inputs` makes the inputs of one image+te
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 IMAGE, VIDEO, START, END = 300, 301, 302, 303
@@ -179,6 +180,100 @@ def build_model(model_type: str, seed: int = 0, text_overrides: dict | None = No
         with torch.no_grad():
             projector.normal_(0, 0.2)
     return model
+
+
+#: Language-model and other sub-model settings that make a family's default config tiny (where it has them).
+TINY_TEXT = {**{k: v for k, v in TEXT.items() if k != "vocab_size"}, "head_dim": 16, **MOE}
+TINY_OTHER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "depth": 2,
+    "num_attention_heads": 4,
+    "num_heads": 4,
+    "d_model": 32,
+    "encoder_layers": 2,
+    "encoder_attention_heads": 4,
+    "encoder_ffn_dim": 64,
+}
+#: Config fields holding token ids (pad, bos, eos, the image/video/audio placeholders).
+TOKEN_FIELD = re.compile(r"token_(id|ids|index)$")
+
+
+def _shrunk(settings: dict, tiny: dict) -> dict:
+    """``settings`` with ``tiny``'s values for the keys it has (its other sizes equal to its hidden size follow it,
+    its key/value heads its heads where they were as many), its per-layer lists and layer-indexed dicts cut to 2
+    layers, and every nested config shrunk: ``text_config`` as a language model, the others (vision, audio,
+    Q-Former, ...) by :data:`TINY_OTHER`."""
+    layers = next(
+        (settings[k] for k in ("num_hidden_layers", "depth", "encoder_layers") if type(settings.get(k)) is int), None
+    )
+    hidden, heads = settings.get("hidden_size"), settings.get("num_attention_heads")
+    out = {}
+    for key, value in settings.items():
+        sub = TINY_TEXT if key == "text_config" else TINY_OTHER
+        if isinstance(value, dict) and "model_type" in value:
+            value = _shrunk(value, sub)
+        elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value) and layers:
+            value = {k: _shrunk(v, tiny) if isinstance(v, dict) else v for k, v in value.items() if int(k) < 2}
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            value = [_shrunk(v, tiny) for v in value]
+        elif key in tiny and type(value) is int:
+            value = tiny[key] if key != "num_key_value_heads" or value != heads else tiny["num_attention_heads"]
+        elif "hidden_size" in tiny and type(value) is int and value == hidden:
+            value = tiny["hidden_size"]
+        if isinstance(value, list) and layers and len(value) == layers > 2:
+            value = value[:2]
+        out[key] = value
+    return out
+
+
+def _configs(settings: dict):
+    """``settings`` and every dict nested in it."""
+    yield settings
+    for value in settings.values():
+        if isinstance(value, dict):
+            yield from _configs(value)
+
+
+def _token_fields(settings: dict):
+    """(dict, key) of every token-id field of ``settings`` and its nested configs."""
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            yield from _token_fields(value)
+        elif isinstance(key, str) and TOKEN_FIELD.search(key) and (type(value) is int or isinstance(value, list)):
+            yield settings, key
+
+
+def shrunk_config(model_type: str):
+    """The default config of ``model_type`` made tiny: :func:`_shrunk`, a :data:`VOCAB`-row vocabulary (every
+    ``*vocab_size*`` field equal to the text config's) and every token id outside :func:`tokenizer_for`'s
+    0-303 moved to a free id inside it (the same id to the same new id)."""
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type).to_dict()
+    settings = _shrunk(default, {})
+    text = settings.get("text_config") or {}
+    hidden = (default.get("text_config") or {}).get("hidden_size")
+    for part in _configs(settings):  # sizes of the vision tower's output, the projector's: the language model's
+        for key, value in part.items():
+            if part is not text and key not in TINY_OTHER and type(value) is int and value == hidden:
+                part[key] = TINY_TEXT["hidden_size"]
+            elif key == "mrope_section":
+                part[key] = MROPE["mrope_section"]
+    vocab = text.get("vocab_size", settings.get("vocab_size"))
+    for part in (settings, text):
+        for key, value in part.items():
+            if isinstance(key, str) and "vocab_size" in key and value == vocab:
+                part[key] = VOCAB
+    fields = list(_token_fields(settings))
+    ids = {i for part, key in fields for i in (part[key] if isinstance(part[key], list) else [part[key]])}
+    free = (i for i in range(IMAGE - 1, 2, -1) if i not in ids)
+    moved = {i: next(free) for i in sorted(i for i in ids if type(i) is int and not 0 <= i <= END)}
+    for part, key in fields:
+        value = part[key]
+        part[key] = [moved.get(i, i) for i in value] if isinstance(value, list) else moved.get(value, value)
+    return type(AutoConfig.for_model(model_type)).from_dict(settings)
 
 
 def tokenizer_for(model_type: str):

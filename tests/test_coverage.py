@@ -7,15 +7,20 @@ import subprocess
 import sys
 
 import pytest
+import transformers
 
 from rmconvert import convert, validate
-from rmconvert.coverage import check, main
-from rmconvert.families.modeling import decoder_only_model_types, native_class_name
+from rmconvert.coverage import check, check_composite, main
+from rmconvert.families.modeling import composite_model_types, decoder_only_model_types, native_class_name
 
 #: A dense Llama-like, an MoE, absolute positions with tied weights, an LM head under another name, three
 #: families that transformers has no sequence classifier for, a pad id that indexes the position table
 #: (XGLM), and a recurrence that runs over pads (RWKV: right padding only).
 SUBSET = ("mistral", "qwen3_moe", "gpt2", "gpt_neox", "granite", "glm4_moe", "cohere", "xglm", "rwkv")
+#: Vision-language families built from their default configs shrunk: token ids moved into the tiny tokenizer
+#: (PaliGemma, Aria); on 5.x a fused tensor split on load (Kimi K2.5) and an embedding of vocab_size + 8 rows
+#: (Llama 3.2 Vision).
+COMPOSITE_SUBSET = ("paligemma", "aria") + (("kimi_k25", "mllama") if transformers.__version__ >= "5" else ())
 
 
 def test_the_subset_covers_families_without_a_native_class():
@@ -56,6 +61,17 @@ def test_a_family_that_cannot_be_left_padded_is_set_to_pad_right(build, tmp_path
     config = json.loads((rm / "tokenizer_config.json").read_text())
     (rm / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
     assert [(f.code, f.where) for f in validate(rm) if f.severity == "error"] == [("RM034", "/padding_side")]
+
+
+def test_only_decoder_image_text_families_are_composite():
+    assert {"llava", "paligemma", "qwen2_vl"} <= composite_model_types()
+    assert not {"blip", "blip-2", "instructblip", "kosmos-2", "florence2"} & composite_model_types()
+
+
+@pytest.mark.parametrize("model_type", COMPOSITE_SUBSET)
+def test_each_composite_family_converts_and_loads(model_type, tmp_path):
+    outcome, detail = check_composite(model_type, tmp_path)
+    assert outcome == "ok", detail
 
 
 def test_coverage_report_counts_and_lists_exceptions(capsys):

@@ -47,9 +47,12 @@ def is_decoder_only(model_type: str) -> bool:
 
 def is_composite(model_type: str) -> bool:
     """An image-text model_type whose generation class is a composite backbone (vision tower + projector +
-    language model: transformers' ``*Model``) plus an LM head, with a ``text_config``: a vision-language policy
-    a reward model can be made of. Encoder-decoders (Florence-2, UDOP) and families without a composite
-    ``*Model`` (Llama 4) are not."""
+    language model: transformers' ``*Model``), which its constructor builds as ``self.model`` (where the reward
+    class loads it), plus an LM head, with a ``text_config``: a decoder-only vision-language policy a reward model
+    can be made of. Not: BLIP, BLIP-2, InstructBLIP and Kosmos-2 (vision model, Q-Former or projection and
+    language model side by side: no ``model``), encoder-decoders (Florence-2: ``is_encoder_decoder``; UDOP) and
+    families without a composite ``*Model`` (Llama 4)."""
+    import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     auto = _mappings()
@@ -60,7 +63,19 @@ def is_composite(model_type: str) -> bool:
         return False
     if not (_backbone_name(model_type) or "").endswith("Model"):
         return False
-    return "text_config" in (getattr(CONFIG_MAPPING[model_type], "sub_configs", None) or {})
+    init = getattr(getattr(transformers, names[model_type], None), "__init__", None)
+    if "model" not in getattr(getattr(init, "__code__", None), "co_names", ()):  # builds no ``self.model``
+        return False
+    config = CONFIG_MAPPING[model_type]
+    if "text_config" not in (getattr(config, "sub_configs", None) or {}):
+        return False
+    from .structure import quiet_transformers
+
+    try:
+        with quiet_transformers():  # a default config may warn about what it lacks
+            return not config().is_encoder_decoder
+    except Exception:  # noqa: BLE001 (a default config transformers rejects says nothing of the family's shape)
+        return True
 
 
 def composite_model_types() -> set[str]:

@@ -55,6 +55,11 @@ class Structure:
     vocab_tables: tuple[str, ...] = ()  # composite: other tables indexed by token id (Gemma 4's per-layer one)
     ignored: tuple[str, ...] = ()  # patterns of checkpoint keys the class ignores on load (Qwen 3.5's mtp.*)
     shapes: dict | None = None  # key -> shape of the class's state dict (only where asked: text-only views)
+    split: Callable[[str], tuple[str, ...]] = lambda key: ()  # a renamed key -> the others its converter makes
+
+    def targets(self, key: str) -> tuple[str, ...]:
+        """Every key a checkpoint key loads as: its :attr:`rename`, and the rest of a fused tensor's split."""
+        return (renamed := self.rename(key), *self.split(renamed))
 
     def in_backbone(self, model_key: str) -> bool:
         return model_key.startswith(self.prefix + ".") and model_key not in self.heads
@@ -62,6 +67,29 @@ class Structure:
 
 def _module_names(model) -> dict[int, str]:
     return {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+
+
+def _splitter(model) -> Callable[[str], tuple[str, ...]]:
+    """For a key a one-to-many converter names (its first target, e.g. Kimi K2.5's fused ``wqkv`` as ``q_proj``),
+    the keys of its other targets (``k_proj``, ``v_proj``); transformers 5 only."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:
+        return lambda key: ()
+    splits = [
+        t.target_patterns
+        for t in get_model_conversion_mapping(model)
+        if isinstance(t, WeightConverter) and len(t.target_patterns) > 1
+    ]
+
+    def split(key: str) -> tuple[str, ...]:
+        for first, *rest in splits:
+            if isinstance(first, str) and first in key:
+                return tuple(key.replace(first, other) for other in rest)
+        return ()
+
+    return split
 
 
 def _renamer(model) -> Callable[[str], str]:
@@ -141,7 +169,7 @@ def _build(model_type: str, config_json: str, composite: bool = False) -> Struct
     ignored = tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return (
-        replace(built, vocab_tables=tables, ignored=ignored, shapes=shapes)
+        replace(built, vocab_tables=tables, ignored=ignored, shapes=shapes, split=_splitter(model))
         if composite
         else replace(built, shapes=shapes)
     )
