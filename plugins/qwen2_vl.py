@@ -11,13 +11,12 @@ writes for these families.
 import re
 from collections import defaultdict
 
-from rmconvert.plugins.composite import Composite
-
 from rmconvert import hookimpl
 from rmconvert.errors import CheckpointError
 from rmconvert.families.architecture import Architecture
 from rmconvert.families.layout import Layout
 from rmconvert.families.target import SEQUENCE
+from rmconvert.plugins.composite import Composite
 from rmconvert.sources.checkpoint import text_config
 
 CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForSequenceClassification", "qwen2_vl": "Qwen2VLForSequenceClassification"}

@@ -4,7 +4,12 @@ itself through others. Function-level (lazy) imports count too: they are depende
 from __future__ import annotations
 
 import ast
+import importlib
+import sys
+import warnings
 from pathlib import Path
+
+import pytest
 
 import rmconvert
 
@@ -124,3 +129,18 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     found = imports("rmconvert.sources.fake", source, known)
     assert found == {("rmconvert.engine.plan", "Plan"), ("rmconvert.sources.hub", "")}
     assert layer("rmconvert.engine.plan") > layer("rmconvert.sources.fake")
+
+
+def test_the_flat_package_names_still_import_with_a_warning():
+    """A plugin written against the flat package (``from rmconvert.host import load_registry``) keeps working: each
+    old module name is the module that now holds its code, and importing it says where that is."""
+    for old, new in rmconvert.MOVED.items():
+        sys.modules.pop(old, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        assert module is importlib.import_module(new)
+        assert [str(w.message) for w in caught if w.category is DeprecationWarning] == [f"{old} is now {new}"]
+        assert old.rpartition(".")[2] not in {p.stem for p in ROOT.glob("*.py")}  # the file really moved
+    with pytest.raises(ImportError):
+        importlib.import_module("rmconvert.no_such_module")

@@ -16,9 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import rmconvert
+from rmconvert.checkpoint import open_checkpoint
 from rmconvert.conformance import ConformanceSuite
-from rmconvert.families.host import get_plugin_manager, load_registry
-from rmconvert.sources.checkpoint import open_checkpoint
+from rmconvert.host import get_plugin_manager, load_registry
 from rmconvert.testing import build_checkpoint
 
 INDEX = "model.safetensors.index.json"
