@@ -267,7 +267,8 @@ def convert(src, dst, overwrite, link, adapter, as_json, **options):
     "--policy",
     type=click.Path(path_type=Path),
     metavar="POLICY",
-    help="The policy checkpoint it will score (PPO, GRPO): check that the vocabularies are identical"
+    help="The policy whose token ids it will be fed (a critic or value model: verl, OpenRLHF, open-instruct's"
+    " PPO): check that the vocabularies are identical"
     " (token -> id) and that the embedding covers the policy's tokenizer.",
 )
 @click.option(

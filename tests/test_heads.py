@@ -355,7 +355,11 @@ def test_armorm_gated(llama, tmp_path):
     assert torch.equal(tensors(tmp_path / "one")["score.weight"], w[3:4])
     result = run("convert", src, tmp_path / "collapsed", "--weights", "1,1,1,1")
     refused(result, 2, "gated", "gating network", "--objective")
-    assert not (tmp_path / "collapsed").exists()
+    for head in ("bt", "value"):  # one row is asked of a gated head: only --objective gives it
+        result = run("convert", src, tmp_path / head, "--head", head)
+        refused(result, 2, "choose one with --objective")
+        assert "--weights" not in result.output
+    assert not any((tmp_path / n).exists() for n in ("collapsed", "bt", "value"))
 
 
 def test_qrm_quantile_means(llama, tmp_path):

@@ -157,14 +157,19 @@ def _names(options, count: int, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f"LABEL_{i}" for i in range(count))
 
 
-def _bt(options, name: str, dtype: str, parts: list, hidden: int, labels: tuple[str, ...]):
+def _choose_one(layout: Layout) -> str:
+    """The options that make one row of a multi-row head (a gated head's rows mix only through its gating)."""
+    gated = layout.head is not None and layout.head.rule == "gated"
+    return "choose one with --objective" + ("" if gated else " or --weights")
+
+
+def _bt(options, layout: Layout, dtype: str, parts: list, hidden: int, labels: tuple[str, ...]):
     """``--head bt`` on a 1-row result: ``[zeros; w]``."""
     if options.head != "bt":
         return parts, labels, ""
     if len(parts) != 1:
         raise UsageError(
-            f"--head bt makes a 2-label [zeros; w] head of one row; this head has {len(parts)}: choose one with"
-            " --objective or --weights"
+            f"--head bt makes a 2-label [zeros; w] head of one row; this head has {len(parts)}: {_choose_one(layout)}"
         )
     return [bytes(hidden * DTYPE_BITS[dtype] // 8), parts[0]], ("LABEL_0", labels[0]), ", as [zeros; w]"
 
@@ -201,7 +206,7 @@ def from_tokens(ckpt: Checkpoint, layout: Layout, options, hidden: int, tok: Tok
         labels = tuple(options.head_from_tokens)
         how = f"rows {ids} of {table.name} ({', '.join(map(repr, options.head_from_tokens))})"
     labels = _names(options, len(parts), _target_names(options, labels))
-    parts, labels, bt = _bt(options, layout.score, table.dtype, parts, hidden, labels)
+    parts, labels, bt = _bt(options, layout, table.dtype, parts, hidden, labels)
     tensor = OutTensor(layout.score, table.dtype, (len(parts), hidden), tuple(parts))
     report = {
         "kind": "tokens",
@@ -314,7 +319,7 @@ def from_rows(ckpt: Checkpoint, layout: Layout, options, hidden: int) -> HeadPla
         warnings += dropped
         report["bias"] = _bias_values(ckpt, head)
     labels = _names(options, len(parts), _target_names(options, labels))
-    parts, labels, bt = _bt(options, layout.score, dtype, parts, hidden, labels)
+    parts, labels, bt = _bt(options, layout, dtype, parts, hidden, labels)
     tensor = OutTensor(layout.score, dtype, (len(parts), hidden), tuple(parts))
     made = None
     if bias is not None:
@@ -383,7 +388,7 @@ def plan_head(ckpt: Checkpoint, layout: Layout, options, hidden: int, tok: Token
     (a new head, or a 1- or 2-row score, OpenRLHF or value head under ``--head``), which engine/head.py writes."""
     head = layout.head
     if options.head_from_tokens is not None:
-        return _for_target(from_tokens(ckpt, layout, options, hidden, tok), options)
+        return _for_target(from_tokens(ckpt, layout, options, hidden, tok), options, layout)
     if head is None:
         if options.objective is not None or options.weights is not None:
             given = "--objective" if options.objective is not None else "--weights"
@@ -402,15 +407,15 @@ def plan_head(ckpt: Checkpoint, layout: Layout, options, hidden: int, tok: Token
     rows = head.rows(ckpt)
     if head.kind in ("score", "openrlhf", "value") and rows in (1, 2) and not options.head_rule:
         return None
-    return _for_target(from_rows(ckpt, layout, options, hidden), options)
+    return _for_target(from_rows(ckpt, layout, options, hidden), options, layout)
 
 
-def _for_target(plan: HeadPlan, options) -> HeadPlan:
+def _for_target(plan: HeadPlan, options, layout: Layout) -> HeadPlan:
     """A token classifier's head has the target's rows: 1 for ``--head value``, 2 for ``--head prm``."""
     target = options.target
     if target.per_token and len(plan.labels) != target.labels:
         raise UsageError(
             f"--head {target.name} makes a {target.what} of {target.labels} row(s); this head rule gives"
-            f" {len(plan.labels)} ({plan.how}){': choose one with --objective or --weights' if target.labels == 1 else ''}"
+            f" {len(plan.labels)} ({plan.how}){': ' + _choose_one(layout) if target.labels == 1 else ''}"
         )
     return plan
