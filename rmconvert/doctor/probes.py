@@ -263,14 +263,14 @@ def _same_bytes(a: TensorInfo, b: TensorInfo, length: int) -> bool:
     return True
 
 
-def _merged(s: Subject, src, adapter: Path | None) -> dict:
+def _merged(src, src_layout, adapter: Path | None) -> dict:
     """Tensors a fresh merge of ``adapter`` into ``src`` writes, by name (none without an adapter)."""
     if adapter is None:
         return {}
     from ..engine.merge import plan_merge
     from ..sources.adapter import read_adapter
 
-    merge = plan_merge(read_adapter(adapter), src, (s.architecture or Architecture()).layout(src))
+    merge = plan_merge(read_adapter(adapter), src, src_layout)
     parts = dict(merge.parts)
     if merge.head == "adapter":  # the head the adapter saved whole (modules_to_save), compared by the head rules
         parts[HEAD] = merge.checkpoint.tensors[HEAD]
@@ -358,14 +358,14 @@ def against_source(
     hidden states and rewards agree too (not compared after a merge)."""
     try:
         src = open_checkpoint(source)
-        merged = _merged(s, src, adapter)
+        # what the conversion left out of the backbone (the LM head, the head it replaced), as the engine decides
+        # it, and the names it wrote the rest under (a transformer.* backbone, a Qwen2-VL language model)
+        src_layout = (s.architecture or Architecture()).layout(src)
+        merged = _merged(src, src_layout, adapter)
     except CheckpointError as exc:
         return [Finding("RM001", "error", str(exc.path), "", f"source: {exc.message}", CODES["RM001"].hint)]
     tables = set(s.layout.vocab_tables) if s.layout and s.layout.error is None else set()
     findings = []
-    # what the conversion left out of the backbone (the LM head, the head it replaced), as the engine decides it,
-    # and the names it wrote the rest under (a transformer.* backbone, a Qwen2-VL language model)
-    src_layout = (s.architecture or Architecture()).layout(src)
     dropped, renamed = src_layout.dropped, src_layout.renamed
     for name, theirs in sorted(src.tensors.items()):
         if name in dropped:
@@ -394,7 +394,7 @@ def against_source(
     # a backbone under an alias prefix loads only as the reward model; a VLM's renames are the generation class's own
     aliased = renamed and not isinstance(src.config.get("vision_config"), dict)
     if load and not findings and not merged and not aliased:
-        findings += _compare_per_token(s, src) if s.per_token else _compare_outputs(s, src)
+        findings += _compare_per_token(s, src, src_layout) if s.per_token else _compare_outputs(s, src)
     return findings
 
 
@@ -421,7 +421,7 @@ def _value_head_weight(src, score: str, with_bias: bool = False):
     return weight, _float_tensor(src.tensors[head.bias]) if head.bias else None
 
 
-def _per_token_source(s: Subject, src, theirs, hidden):
+def _per_token_source(s: Subject, src, src_layout, hidden):
     """The source's head applied to its hidden states ``hidden`` [T, H] at every token, or None for a causal LM
     (the head is new): a value head's ``v_head.summary`` with its bias, a reward model's (or PRM's) own head."""
     import torch
@@ -431,7 +431,7 @@ def _per_token_source(s: Subject, src, theirs, hidden):
         weight, bias = value
         out = hidden.float() @ weight.T
         return out + bias if bias is not None else out
-    head = find_head(src, (s.architecture or Architecture()).layout(src).score)
+    head = find_head(src, src_layout.score)
     if head is not None and head.kind == "mlp" and s.kept_mlp is not None:  # Linear, ReLU, Linear
         layers = sorted({n.rsplit(".", 1)[0] for n in head.tensors})
         out = hidden.float()
@@ -447,12 +447,12 @@ def _per_token_source(s: Subject, src, theirs, hidden):
     return out + _float_tensor(src.tensors[head.bias]) if head.bias else torch.as_tensor(out)
 
 
-def _compare_per_token(s: Subject, src) -> list[Finding]:
+def _compare_per_token(s: Subject, src, src_layout) -> list[Finding]:
     """A token classifier against its source: hidden states equal, and per-token logits equal to the source's
     head applied to them, under the head rules (in float32, up to the dtype's tolerance)."""
     import torch
 
-    source_is_rm = find_head(src, (s.architecture or Architecture()).layout(src).score) is not None
+    source_is_rm = find_head(src, src_layout.score) is not None
     try:
         ours, _ = _load(s, s.path)
         theirs, _ = _load(s, src.path, causal=not source_is_rm or s.score_name not in src.tensors)
@@ -470,7 +470,7 @@ def _compare_per_token(s: Subject, src) -> list[Finding]:
             if not torch.equal(out.hidden_states[-1], b):
                 diff = (out.hidden_states[-1].float() - b.float()).abs().max().item()
                 return [s.finding("RM122", s.weights_file, "", f"max difference {diff:.3g}")]
-            expected = _per_token_source(s, src, theirs, b[0])
+            expected = _per_token_source(s, src, src_layout, b[0])
             if expected is not None and not _rewards_agree(out.logits[0].float(), expected, _tolerance(ours.dtype)):
                 worst = "shapes differ"
                 if out.logits[0].shape == expected.shape:
