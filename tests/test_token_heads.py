@@ -229,6 +229,30 @@ def test_a_token_classifier_without_bias_or_with_dropout_is_reported(build, tmp_
     assert {("RM170", "error"), ("RM172", "warning"), ("RM100", "error")} <= found
 
 
+def test_a_bias_of_another_shape_is_reported(build, tmp_path):
+    convert(build("llama3"), tmp_path / "value", head="value")
+    dst = edited(tmp_path / "value", tmp_path / "two", {"score.bias": torch.zeros(2)})
+    found = [(f.code, f.where, f.message) for f in validate(dst) if f.code == "RM171"]
+    assert found == [("RM171", "score.bias", "[2]; expected [1]")]
+
+
+def test_per_token_scores_of_a_padded_batch_are_held_to_one_by_one(build, tmp_path):
+    """RM175 at a non-pad position that moved, none for moves at pad positions (what the mask hides)."""
+    from rmconvert.doctor.probes import _per_token_padded
+    from rmconvert.doctor.validation import _read
+    from rmconvert.families.host import load_registry
+
+    convert(build("llama3"), tmp_path / "value", head="value")
+    subject = _read(tmp_path / "value", load_registry())
+    alone = [torch.tensor([[[1.0], [2.0], [3.0]]]), torch.tensor([[[4.0], [5.0]]])]
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    batched = torch.tensor([[[1.0], [2.0], [3.0]], [[4.0], [5.0], [9.0]]])  # 9.0 at the pad: hidden by the mask
+    assert list(_per_token_padded(subject, batched, mask, alone, "right", 1e-5)) == []
+    batched[1, 1, 0] = 5.5
+    found = [(f.code, f.where, f.message) for f in _per_token_padded(subject, batched, mask, alone, "right", 1e-5)]
+    assert found == [("RM175", "/pad_token_id", "right-padded: off by 0.5")]
+
+
 def test_a_changed_bias_is_found_against_the_source(build, tmp_path):
     src = build("llama3", labels=1)
     convert(src, tmp_path / "value", head="value")
