@@ -127,9 +127,12 @@ def test_size_parser():
         parse_size("five gigs")
 
 
-def test_converting_a_llama_imports_neither_torch_nor_transformers(build, tmp_path, imported_by_convert):
+@pytest.mark.parametrize("kind", ["llama2", "olmo2", "olmoe"])
+def test_converting_a_built_in_family_imports_neither_torch_nor_transformers(
+    build, tmp_path, imported_by_convert, kind
+):
     """The hot path is headers, byte copies and numpy: torch and transformers cost seconds to import."""
-    assert imported_by_convert(build("llama2"), tmp_path / "rm") == set()
+    assert imported_by_convert(build(kind), tmp_path / "rm") == set()
     assert (tmp_path / "rm" / "model.safetensors").exists()
 
 
