@@ -27,8 +27,8 @@ __all__ = [
     "validate",
 ]
 
-#: Modules of the flat package before 0.1's layered one, still importable under their old names (with a
-#: DeprecationWarning): third-party plugins and their tests import them.
+#: The flat package's modules, before it was split into layers: still importable under their old names (with a
+#: DeprecationWarning), since third-party plugins and their tests import them.
 MOVED = {
     f"rmconvert.{old}": f"rmconvert.{new}"
     for old, new in {
