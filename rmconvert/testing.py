@@ -257,6 +257,14 @@ FAMILY_CONFIG = {
     "dots1": {"n_shared_experts": 1},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
     "zaya": {"num_experts_per_tok": 1},  # the only routing it supports
+    # an indexer scores keys with at most the query heads of key head 0; one layer of each attention kind
+    "kolibri1_1": {
+        "index_num_heads": COMMON["num_attention_heads"] // COMMON["num_key_value_heads"],
+        "layer_types": ["sliding_attention", "indexed_attention"],
+        "index_layers": [1],
+        "kv_source_layers": [0, 1],
+        "mlp_only_intermediate_size": 96,
+    },
     # the LM head's rows: at most the (padded) vocabulary
     "inkling2_text": {"unpadded_vocab_size": 299},
     "inkling2_loop_text": {"unpadded_vocab_size": 299},
