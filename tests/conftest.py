@@ -32,6 +32,25 @@ def build(tmp_path_factory):
     return _build
 
 
+@pytest.fixture(scope="session")
+def vlm_policy(tmp_path_factory):
+    """``vlm_policy(model_type, released=False)`` -> a cached tiny image-text policy of ``rmconvert.tiny_vlm``
+    (Qwen2-VL and Qwen2.5-VL in their released ``model.*`` + ``visual.*`` names, or the canonical ones); read-only."""
+    from rmconvert import tiny_vlm
+
+    cache: dict = {}
+
+    def _policy(model_type: str, released: bool = False) -> Path:
+        if (model_type, released) not in cache:
+            src = tiny_vlm.build_policy(model_type, tmp_path_factory.mktemp(model_type) / "policy")
+            if model_type in ("qwen2_vl", "qwen2_5_vl"):
+                tiny_vlm.qwen_layout(src, canonical=not released)
+            cache[model_type, released] = src
+        return cache[model_type, released]
+
+    return _policy
+
+
 @pytest.fixture
 def writable_copy(tmp_path):
     """``writable_copy(path)`` -> a private copy of a checkpoint that a test may damage."""

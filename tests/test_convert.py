@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rmconvert import convert, load_reward_model, validate
 from rmconvert.engine.pad import EOS_WARNING
+from rmconvert.families.loading import fresh_weights
 from rmconvert.sources.checkpoint import open_checkpoint
 from rmconvert.testing import snapshot
 
@@ -92,10 +93,7 @@ def test_backbone_hidden_states_equal_the_source_causal_lm(converted, name):
     src, dst, _ = converted(name)
     policy = AutoModelForCausalLM.from_pretrained(src).eval()
     model, _ = load(dst)
-    # transformers may leave weights as views of the mmapped files, where CPU kernels pick their code path
-    # by address alignment; give both models freshly allocated weights so only the values are compared.
-    for parameter in [*policy.parameters(), *model.parameters()]:
-        parameter.data = parameter.data.clone()
+    policy, model = fresh_weights(policy), fresh_weights(model)
     ids = AutoTokenizer.from_pretrained(src)(TEXTS[1], return_tensors="pt").input_ids
     with torch.no_grad():
         expected = policy.base_model(ids).last_hidden_state

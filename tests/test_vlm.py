@@ -15,6 +15,7 @@ from rmconvert import convert, load_reward_model, validate
 from rmconvert import tiny_vlm as T
 from rmconvert.cli import cli
 from rmconvert.errors import CheckpointError
+from rmconvert.families.loading import fresh_weights
 from rmconvert.families.modeling import reward_class_name
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -30,13 +31,6 @@ def tensors(path):
         with safe_open(file, "pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
     return out
-
-
-def fresh(model):
-    """Freshly allocated weights (mmapped views may pick other CPU kernels by alignment): values compared only."""
-    for parameter in model.parameters():
-        parameter.data = parameter.data.clone()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +60,8 @@ def test_image_text_reward_is_score_of_the_policy_backbone(policies, model_type,
     _, dst, _ = policies(model_type, legacy)
     rm, info = load_reward_model(dst, output_loading_info=True)
     assert {k: v for k, v in info.items() if v} == {}
-    rm = fresh(rm)
-    policy = fresh(T.build_model(model_type))  # the same seed: the source's weights
+    rm = fresh_weights(rm)
+    policy = fresh_weights(T.build_model(model_type))  # the same seed: the source's weights
     sample = T.image_inputs(policy, model_type, seed=0)
     with torch.no_grad():
         expected = rm.score(policy.model(**sample).last_hidden_state)[0, -1]
@@ -238,7 +232,7 @@ def _head_source(policies, tmp_path, model_type, head_name, head, legacy=True, c
 
 
 def _reward(path, model_type, seed=0):
-    rm = fresh(load_reward_model(path))
+    rm = fresh_weights(load_reward_model(path))
     sample = T.image_inputs(rm, model_type, seed=seed)
     with torch.no_grad():
         return rm, sample, rm(**sample).logits[0]
@@ -260,7 +254,7 @@ def test_skywork_vl_reward_value_head_beside_a_released_qwen2_5_vl(policies, tmp
     assert torch.equal(after["score.weight"], weight)
     assert not [k for k in after if k.startswith(("visual.", "lm_head", "v_head"))]
     _, sample, reward = _reward(tmp_path / "rm", "qwen2_5_vl")
-    policy = fresh(T.build_model("qwen2_5_vl"))
+    policy = fresh_weights(T.build_model("qwen2_5_vl"))
     with torch.no_grad():  # the value head's output at the last token, less its bias
         value = policy.model(**sample).last_hidden_state[0, -1] @ weight[0]
     torch.testing.assert_close(reward[0], value, atol=1e-5, rtol=1e-5)
@@ -355,10 +349,10 @@ def test_text_only_writes_a_text_reward_model_of_the_language_models_family(poli
     assert not [k for k in after if "vision" in k or "projector" in k or "connector" in k]
     language_model = [k for k in before if ("language_model" in k or "text_model" in k) and "lm_head" not in k]
     assert len(after) == len(language_model) + 1
-    policy = fresh(T.build_model(model_type))
+    policy = fresh_weights(T.build_model(model_type))
     ids = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 10, 11, 12, 13, 14]])
     with torch.no_grad():
-        expected = fresh(rm).score(policy.model(input_ids=ids).last_hidden_state)[:, -1]
+        expected = fresh_weights(rm).score(policy.model(input_ids=ids).last_hidden_state)[:, -1]
         assert torch.equal(rm(input_ids=ids).logits, expected)
     assert not [f for f in validate(tmp_path / "rm", load=True) if f.severity == "error"]
 
@@ -421,7 +415,7 @@ def test_portable_vlm_loads_with_remote_code(policies, tmp_path):
     assert type(model).__module__.startswith("transformers_modules")
     _, sample, reward = _reward(tmp_path / "rm", "llava")
     with torch.no_grad():
-        assert torch.equal(fresh(model)(**sample).logits[0], reward)
+        assert torch.equal(fresh_weights(model)(**sample).logits[0], reward)
 
 
 @pytest.mark.parametrize("damage", ["processor", "config"])
@@ -458,8 +452,8 @@ def test_processor_round_trip_scores_a_pil_image(tmp_path):
     )
     processor.save_pretrained(src)
     convert(src, tmp_path / "rm")
-    rm = fresh(load_reward_model(tmp_path / "rm"))
-    policy = fresh(T.build_model("llava"))
+    rm = fresh_weights(load_reward_model(tmp_path / "rm"))
+    policy = fresh_weights(T.build_model("llava"))
     loaded = AutoProcessor.from_pretrained(tmp_path / "rm")
     images = [pil.new("RGB", (40, 40), (200, 30, 30)), pil.new("RGB", (40, 40), (20, 160, 90))]
     rewards = []

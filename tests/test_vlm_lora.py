@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from rmconvert import load_reward_model, validate
 from rmconvert import tiny_vlm as T
 from rmconvert.cli import cli
+from rmconvert.families.loading import fresh_weights
 from rmconvert.testing import build_adapter, load_base, snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -48,13 +49,6 @@ def tensors(path) -> dict[str, torch.Tensor]:
         with safe_open(file, "pt") as f:
             out |= {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     return out
-
-
-def fresh(model):
-    """Freshly allocated weights (mmapped views may pick other CPU kernels by alignment): values compared only."""
-    for parameter in model.parameters():
-        parameter.data = parameter.data.clone()
-    return model.eval()
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -89,30 +83,14 @@ def convert(*args) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    """``bases(model_type, released)`` -> a tiny policy directory, built once."""
-    cache = {}
-
-    def get(model_type, released):
-        if (model_type, released) not in cache:
-            src = T.build_policy(model_type, tmp_path_factory.mktemp(model_type) / "policy")
-            if model_type == "qwen2_5_vl":
-                T.qwen_layout(src, canonical=not released)
-            cache[model_type, released] = src
-        return cache[model_type, released]
-
-    return get
-
-
 @pytest.fixture(scope="module", params=[c for c in sorted(CASES) if T.available(CASES[c][0])])
-def case(request, bases, tmp_path_factory):
+def case(request, vlm_policy, tmp_path_factory):
     """(name, model_type, base, adapter, PEFT's merged policy, converted RM dir, report), built once."""
     model_type, released, lora, _ = CASES[request.param]
-    base = bases(model_type, released)
+    base = vlm_policy(model_type, released)
     root = tmp_path_factory.mktemp(request.param)
     adapter = build_adapter(base, root / "adapter", r=4, lora_alpha=8, seed=1, **lora)
-    merged = fresh(peft.PeftModel.from_pretrained(load_base(base), adapter).merge_and_unload())
+    merged = fresh_weights(peft.PeftModel.from_pretrained(load_base(base), adapter).merge_and_unload())
     report = convert(base, root / "rm", "--adapter", adapter)
     return request.param, model_type, base, adapter, merged, root / "rm", report
 
@@ -121,7 +99,11 @@ def test_merge_is_bit_identical_to_peft(case):
     name, _, base, adapter, merged, dst, report = case
     rm, info = load_reward_model(dst, output_loading_info=True)
     assert {k: v for k, v in info.items() if v} == {}
-    ours, theirs, before = rm.model.state_dict(), merged.model.state_dict(), fresh(load_base(base)).model.state_dict()
+    ours, theirs, before = (
+        rm.model.state_dict(),
+        merged.model.state_dict(),
+        fresh_weights(load_base(base)).model.state_dict(),
+    )
     assert set(ours) == set(theirs)
     embedding = rm.get_input_embeddings().weight
     changed = set()
@@ -138,7 +120,7 @@ def test_merge_is_bit_identical_to_peft(case):
 
 def test_image_text_reward_is_score_of_the_merged_policy(case):
     _, model_type, _, _, merged, dst, _ = case
-    rm = fresh(load_reward_model(dst))
+    rm = fresh_weights(load_reward_model(dst))
     for seed in (0, 1):
         sample = T.image_inputs(merged, model_type, seed=seed)
         with torch.no_grad():
@@ -160,17 +142,19 @@ def test_released_key_names_merge_the_same(case, tmp_path):
     assert tensors(tmp_path / "rm").keys() == tensors(dst).keys()
     assert all(same_bits(tensors(tmp_path / "rm")[k], v) for k, v in tensors(dst).items())
     if TRANSFORMERS_4:  # PEFT maps such keys itself on 4.57 (on 5.x, PEFT 0.21 leaves visual.* keys unloaded)
-        theirs = fresh(peft.PeftModel.from_pretrained(load_base(base), old).merge_and_unload()).model.state_dict()
+        theirs = fresh_weights(
+            peft.PeftModel.from_pretrained(load_base(base), old).merge_and_unload()
+        ).model.state_dict()
         ours = load_reward_model(tmp_path / "rm").model.state_dict()
         assert all(same_bits(v[: theirs[k].shape[0]], theirs[k]) for k, v in ours.items())
 
 
 @pytest.mark.parametrize("model_type", ["llava", "gemma3"])
-def test_vision_tower_names_of_the_other_transformers_version(bases, tmp_path, model_type):
+def test_vision_tower_names_of_the_other_transformers_version(vlm_policy, tmp_path, model_type):
     """transformers 4.57 names a CLIP/SigLIP tower's modules ``model.vision_tower.vision_model.*``, 5.x
     ``model.vision_tower.*``: on 5.x an adapter trained on 4.57 merges the same; 4.57 knows no rule for the 5.x
     names and the adapter is refused in one line (as PEFT on 4.57 would leave those keys unloaded)."""
-    base = bases(model_type, False)
+    base = vlm_policy(model_type, False)
     adapter = build_adapter(base, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["q_proj", "fc1"], seed=2)
     v4, v5 = "model.vision_tower.vision_model.", "model.vision_tower."
     held = load_file(adapter / "adapter_model.safetensors")
@@ -225,18 +209,18 @@ def test_convert_the_adapter_directory_itself(case, tmp_path):
     }
 
 
-def test_reward_model_adapter_on_gemma3(bases, tmp_path):
+def test_reward_model_adapter_on_gemma3(vlm_policy, tmp_path):
     """A SEQ_CLS adapter trained on Gemma3ForSequenceClassification (transformers' own image-text reward class):
     its score head byte for byte, every tensor PEFT's merge, the image+text reward PEFT's merged model's, bit for bit."""
-    base = bases("gemma3", False)
+    base = vlm_policy("gemma3", False)
     adapter = build_adapter(base, tmp_path / "adapter", task_type="SEQ_CLS", r=2, lora_alpha=4, seed=3,
                             target_modules=["q_proj", "fc1"])  # fmt: skip
     report = convert(base, tmp_path / "rm", "--adapter", adapter)
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
         modules = {k.split(".lora_")[0] for k in f.keys() if ".lora_" in k}  # noqa: SIM118
     assert report["adapter"]["head"] == "adapter" and report["adapter"]["merged"] == len(modules) == 7
-    rm = fresh(load_reward_model(tmp_path / "rm"))
-    merged = fresh(peft.PeftModel.from_pretrained(load_base(base, "SEQ_CLS"), adapter).merge_and_unload())
+    rm = fresh_weights(load_reward_model(tmp_path / "rm"))
+    merged = fresh_weights(peft.PeftModel.from_pretrained(load_base(base, "SEQ_CLS"), adapter).merge_and_unload())
     ours, theirs = rm.state_dict(), merged.state_dict()
     assert set(ours) == set(theirs)
     assert all(same_bits(v[: theirs[k].shape[0]], theirs[k]) for k, v in ours.items())
@@ -254,10 +238,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("damage", sorted(BAD))
-def test_an_adapter_that_does_not_fit_is_refused(bases, tmp_path, damage):
+def test_an_adapter_that_does_not_fit_is_refused(vlm_policy, tmp_path, damage):
     """A LoRA key naming a module the base does not have (a layer or vision block past the last), or a
     target_modules entry naming none: one line naming the file, exit 1, nothing at DST."""
-    base = bases("qwen2_5_vl", True)
+    base = vlm_policy("qwen2_5_vl", True)
     adapter = build_adapter(base, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=["k_proj", "qkv"])
     old, new, module = BAD[damage]
     if module is None:

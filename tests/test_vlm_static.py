@@ -23,21 +23,6 @@ CASES = [pytest.param(t, released, id=f"{t}-{'released' if released else 'canoni
 LAYOUT_FIELDS = ("embedding", "lm_head", "dropped", "renamed", "tables", "vocab_fields", "media_ids", "head")
 
 
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    """``sources(model_type, released)`` -> a tiny policy directory, cached."""
-    cache = {}
-
-    def _get(model_type, released):
-        if (model_type, released) not in cache:
-            src = T.build_policy(model_type, tmp_path_factory.mktemp(model_type) / "src")
-            T.qwen_layout(src, canonical=not released)
-            cache[model_type, released] = src
-        return cache[model_type, released]
-
-    return _get
-
-
 def _layouts(path):
     registry, ckpt = load_registry(), open_checkpoint(path)
     static, learned = registry.get("qwen2_vl").architecture, registry.get("composite").architecture
@@ -53,26 +38,26 @@ def _files(path):
 
 
 @pytest.mark.parametrize(("model_type", "released"), CASES)
-def test_the_static_layout_is_the_one_transformers_gives(sources, model_type, released):
-    static, learned = _layouts(sources(model_type, released))
+def test_the_static_layout_is_the_one_transformers_gives(vlm_policy, model_type, released):
+    static, learned = _layouts(vlm_policy(model_type, released))
     assert static.error is None and learned.error is None
     assert {f: getattr(static, f) for f in LAYOUT_FIELDS} == {f: getattr(learned, f) for f in LAYOUT_FIELDS}
     assert bool(static.renamed) == released
     # a LoRA adapter's module names, in either layout, load as the same keys under both plugins
-    names = {n for layout in (True, False) for n in open_checkpoint(sources(model_type, layout)).tensors}
+    names = {n for layout in (True, False) for n in open_checkpoint(vlm_policy(model_type, layout)).tensors}
     assert {n: static.load_name(n) for n in names} == {n: learned.load_name(n) for n in names}
 
 
 @pytest.mark.parametrize(("model_type", "released"), CASES)
-def test_the_output_is_byte_identical_to_the_composite_plugins(sources, tmp_path, model_type, released):
-    src = sources(model_type, released)
+def test_the_output_is_byte_identical_to_the_composite_plugins(vlm_policy, tmp_path, model_type, released):
+    src = vlm_policy(model_type, released)
     fast, learned = convert(src, tmp_path / "fast"), convert(src, tmp_path / "learned", arch="composite")
     assert (fast["architecture"], learned["architecture"]) == ("qwen2_vl", "composite")
     assert _files(tmp_path / "fast") == _files(tmp_path / "learned")
 
 
-def test_converting_a_qwen2_5_vl_imports_neither_torch_nor_transformers(sources, tmp_path, imported_by_convert):
-    assert imported_by_convert(sources(FAMILIES[-1], True), tmp_path / "rm") == set()
+def test_converting_a_qwen2_5_vl_imports_neither_torch_nor_transformers(vlm_policy, tmp_path, imported_by_convert):
+    assert imported_by_convert(vlm_policy(FAMILIES[-1], True), tmp_path / "rm") == set()
     assert json.loads((tmp_path / "rm" / "config.json").read_text())["architectures"] == [
         "Qwen2_5_VLForSequenceClassification" if FAMILIES[-1] == "qwen2_5_vl" else "Qwen2VLForSequenceClassification"
     ]
@@ -88,11 +73,11 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_a_backbone_cut_short_or_with_extra_tensors_is_refused_by_both_plugins(sources, tmp_path, damage):
+def test_a_backbone_cut_short_or_with_extra_tensors_is_refused_by_both_plugins(vlm_policy, tmp_path, damage):
     spoil, expected = DAMAGE[damage]
     bad = tmp_path / "src"
     bad.mkdir()
-    for file in sources(FAMILIES[-1], True).iterdir():
+    for file in vlm_policy(FAMILIES[-1], True).iterdir():
         (bad / file.name).write_bytes(file.read_bytes())
     weights = load_file(bad / "model.safetensors")
     spoil(weights)

@@ -13,6 +13,7 @@ from ..errors import CheckpointError, summary
 from ..families.architecture import Architecture
 from ..families.host import Registry
 from ..families.layout import find_head
+from ..families.loading import fresh_weights
 from ..families.reward_head import accepted
 from ..families.structure import quiet_transformers
 from ..io.safetensors import TensorInfo
@@ -458,10 +459,7 @@ def _compare_per_token(s: Subject, src, src_layout) -> list[Finding]:
         theirs, _ = _load(s, src.path, causal=not source_is_rm or s.score_name not in src.tensors)
     except Exception as exc:  # noqa: BLE001 (whatever transformers raises is the finding)
         return [_load_failed(s, exc)]
-    for model in (ours, theirs):
-        model.eval()
-        for parameter in model.parameters():
-            parameter.data = parameter.data.clone()
+    ours, theirs = fresh_weights(ours), fresh_weights(theirs)
     singles = [torch.tensor([ids]) for ids in _probe_ids(s, ours.get_input_embeddings().num_embeddings)[0]]
     with torch.no_grad():
         for ids in singles:
@@ -491,10 +489,7 @@ def _compare_outputs(s: Subject, src) -> list[Finding]:
         theirs, _ = _load(s, src.path, causal=not source_is_rm, composite=s.vision_language)
     except Exception as exc:  # noqa: BLE001 (whatever transformers raises is the finding)
         return [_load_failed(s, exc)]
-    for model in (ours, theirs):  # fresh allocations: CPU kernels may pick code paths by address alignment
-        model.eval()
-        for parameter in model.parameters():
-            parameter.data = parameter.data.clone()
+    ours, theirs = fresh_weights(ours), fresh_weights(theirs)
     if s.vision_language:
         return _compare_with_images(s, ours, theirs, value_head, source_is_rm)
     singles = [torch.tensor([ids]) for ids in _probe_ids(s, ours.get_input_embeddings().num_embeddings)[0]]

@@ -32,3 +32,13 @@ def load_reward_model(path: str | Path, **kwargs):
     register_classes(path, registry)
     auto = getattr(transformers, AUTO_CLASS[task_of_config(config)])
     return auto.from_pretrained(path, **kwargs)
+
+
+def fresh_weights(model):
+    """``model`` in eval mode with freshly allocated weights. transformers may leave weights as views of the mapped
+    files, where CPU kernels pick their code path by address alignment (MKL on AVX2 rounds a 1-row head
+    differently 8 bytes off a 16-byte boundary): comparing two models' outputs, give both fresh weights so that only
+    their values are compared."""
+    for parameter in model.parameters():
+        parameter.data = parameter.data.clone()
+    return model.eval()
